@@ -1,0 +1,155 @@
+"""The `fmnist` command: parses options, builds a config, calls one library function per command.
+
+torch is imported inside the commands, never here, so `fmnist --help` answers at once.
+"""
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fmnist import FmnistError, __version__
+
+app = typer.Typer(
+    help="Train the classic Fashion-MNIST tutorial network, export it to ONNX, and measure how fast it runs.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def friendly(command):
+    """Run a command so that a problem the user can fix is one line on stderr and exit code 1, not a
+    traceback. FMNIST_DEBUG=1 (or `fmnist --debug`) shows the traceback instead."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FmnistError as e:
+            if os.environ.get("FMNIST_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: the last completed epoch's checkpoint and metrics are kept", highlight=False)
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"fmnist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+):
+    if debug:
+        os.environ["FMNIST_DEBUG"] = "1"
+
+
+DataDir = Annotated[Optional[Path], typer.Option(
+    help="Folder with the four Fashion-MNIST IDX files (.gz or plain); then only that folder is used. "
+         "Default: $FMNIST_DATA, ./data, /usr/share/datasets/fashion-mnist, else torchvision's download.")]
+
+
+@app.command()
+@friendly
+def train(
+    epochs: Annotated[int, typer.Option(help="Full passes over the 60,000 training images.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step (the tutorial's 100).")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam's learning rate (the tutorial's 0.01).")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed for the initial weights and the order of batches.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda; auto takes CUDA when present.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the Network.")] = False,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp",
+                                      help="CUDA autocast (bf16, or fp16 with loss scaling); no effect on CPU.")] = False,
+    data_dir: DataDir = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for fmnist.pt and metrics.jsonl.")] = Path("export"),
+):
+    """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
+    if epochs < 1:
+        raise FmnistError(f"--epochs {epochs}: must be 1 or more")
+    if batch_size < 1:
+        raise FmnistError(f"--batch-size {batch_size}: must be 1 or more")
+    if not lr > 0:
+        raise FmnistError(f"--lr {lr}: must be greater than 0")
+
+    from fmnist.train import TrainConfig, train as run_training
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                         compile=compile, amp=amp, data_dir=str(data_dir) if data_dir else None, out=str(out_dir))
+    start = time.perf_counter()
+    history = run_training(config, RichReporter())
+    _summary(history, out_dir, time.perf_counter() - start)
+
+
+class RichReporter:
+    """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface)."""
+
+    def __init__(self, refresh_seconds: float = 0.2):
+        self.refresh_seconds = refresh_seconds
+        self.progress = None
+
+    def note(self, message: str) -> None:
+        err.print(f"[yellow]note:[/] {message}", highlight=False)
+
+    def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
+        self.epoch, self.epochs = epoch, epochs
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+            TimeElapsedColumn(), console=out, transient=True)
+        self.task = self.progress.add_task("train", total=samples, loss="-", rate="-")
+        self.progress.start()
+        self.start = self.last = time.perf_counter()
+
+    def step(self, samples_done: int, loss) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.refresh_seconds:
+            return    # reading `loss` syncs with the device: only do it when the bar is redrawn
+        self.last = now
+        rate = samples_done / (now - self.start)
+        self.progress.update(self.task, completed=samples_done, loss=f"{loss.item():.4f}", rate=f"{rate:,.0f}")
+
+    def epoch_end(self, row: dict) -> None:
+        self.progress.stop()
+        out.print(
+            f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
+            f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"
+            f"  {row['train_seconds']:.1f} s  {row['samples_per_second']:,.0f} samples/s", highlight=False)
+
+
+def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:
+    last = history[-1]
+    best = max(history, key=lambda row: row["test_accuracy"])
+    table = Table(title="fmnist train", show_header=False)
+    table.add_row("epochs", str(last["epoch"]))
+    table.add_row("final test accuracy", f"{last['test_accuracy']:.2%} (best {best['test_accuracy']:.2%}, "
+                                         f"epoch {best['epoch']})")
+    table.add_row("final test loss", f"{last['test_loss']:.4f}")
+    mean_rate = sum(r["samples_per_second"] for r in history) / len(history)
+    table.add_row("training speed", f"{mean_rate:,.0f} samples/s (mean over epochs)")
+    table.add_row("wall time", f"{seconds:.1f} s (data loading and evaluation included)")
+    table.add_row("checkpoint", str(out_dir / "fmnist.pt"))
+    table.add_row("metrics", str(out_dir / "metrics.jsonl"))
+    out.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from fmnist import FmnistError, data
+
+
+@pytest.fixture(scope="session")
+def real_data():
+    """The four real Fashion-MNIST files. Absent: the test is skipped, except under CI, where it fails."""
+    try:
+        return data.locate(download=False)
+    except FmnistError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the real Fashion-MNIST (.ci/run installs it): {e}")
+        pytest.skip(f"needs the real Fashion-MNIST: {e}")
+
+
+@pytest.fixture(scope="session")
+def trained(real_data, tmp_path_factory):
+    """One real `fmnist train --epochs 1` run through the CLI, shared by the tests that need a trained model."""
+    from fmnist.cli import app
+
+    out = tmp_path_factory.mktemp("trained")
+    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def run_cli(*args: str):
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr, output)."""
+    from fmnist.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+def test_import_and_help_do_not_import_torch():
+    code = "import sys, fmnist, fmnist.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_lists_the_train_options():
+    result = run_cli("train", "--help")
+    assert result.exit_code == 0
+    for option in ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--compile", "--amp",
+                   "--data-dir", "--out"):
+        assert option in result.stdout
+
+
+def test_version():
+    from fmnist import __version__
+
+    result = run_cli("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (["--epochs", "0"], "--epochs 0: must be 1 or more"),
+    (["--epochs", "-3"], "--epochs -3: must be 1 or more"),
+    (["--lr", "0"], "--lr 0.0: must be greater than 0"),
+    (["--lr", "-1e-3"], "--lr -0.001: must be greater than 0"),
+    (["--device", "tpu"], "--device tpu: choose auto, cpu or cuda"),
+])
+def test_bad_train_options_are_one_line_errors(args, message, tmp_path):
+    result = run_cli("train", "--out", tmp_path, *args)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {message}"
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    result = run_cli("train", "--device", "cuda", "--out", tmp_path)
+    assert result.exit_code == 1 and "no CUDA device is available here; use --device cpu" in result.stderr
+
+
+def test_unwritable_out_is_found_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("train", "--out", blocker / "sub")
+    assert result.exit_code == 1 and "cannot write there" in result.stderr and "Traceback" not in result.output
+    assert blocker.read_text() == "not a folder"
+
+
+def test_missing_data_names_the_ways_to_get_it(tmp_path):
+    result = run_cli("train", "--data-dir", tmp_path / "empty", "--out", tmp_path, "--device", "cpu")
+    assert result.exit_code == 1
+    assert "apt-get install dataset-fashion-mnist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
