@@ -99,6 +99,108 @@ def train(
     _summary(history, out_dir, time.perf_counter() - start)
 
 
+@app.command("export")
+@friendly
+def export_command(
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format for now).")] = False,
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint written by `fmnist train`.")] = Path("export/fmnist.pt"),
+    output: Annotated[Path, typer.Option(help="Where the ONNX model goes.")] = Path("export/fmnist.onnx"),
+    data_dir: DataDir = None,
+):
+    """Export a trained Network to one self-contained ONNX file, verified on the test set before it is kept."""
+    if not onnx:
+        raise FmnistError("say which format: `fmnist export --onnx` (ONNX is the one format for now)")
+    from fmnist.export import TOLERANCE, export_onnx
+
+    verification = export_onnx(checkpoint, output, data_dir)
+    diffs = ", ".join(f"batch {size}: {diff:.1e}" for size, diff in verification.max_abs_diff.items())
+    out.print(f"verified against torch on the 10,000 test images (max abs difference of logits {diffs}; "
+              f"tolerance {TOLERANCE:.0e}; same predicted classes)", highlight=False)
+    out.print(f"onnxruntime test accuracy {verification.accuracy:.2%}", highlight=False)
+    out.print(f"wrote {output}", highlight=False)
+
+
+@app.command()
+@friendly
+def evaluate(
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Evaluate this checkpoint with torch (the default: export/fmnist.pt).")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Evaluate this ONNX model with onnxruntime.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    data_dir: DataDir = None,
+):
+    """Accuracy on the 10,000 test images: overall, per class, and the confusion matrix."""
+    if checkpoint and onnx:
+        raise FmnistError("give --checkpoint or --onnx, not both")
+    from fmnist import data, runtime
+    from fmnist.model import CLASSES
+
+    if onnx:
+        sess, model = runtime.session(onnx), str(onnx)
+        classify = lambda images: runtime.logits(sess, images).argmax(axis=1)   # noqa: E731
+    else:
+        import torch
+        from fmnist.train import infer, load_network
+
+        checkpoint = checkpoint or Path("export/fmnist.pt")
+        network, model = load_network(checkpoint), str(checkpoint)
+        classify = lambda images: infer(network, torch.from_numpy(images)).argmax(dim=1).numpy()   # noqa: E731
+    test = data.load("test", data_dir)
+    result = runtime.evaluation(test.labels, classify(runtime.to_model_input(test.images)))
+    if as_json:
+        out.print_json(data={"model": model, **result.as_dict(CLASSES)})
+    else:
+        _print_evaluation(model, result, CLASSES)
+
+
+def _print_evaluation(model: str, result, classes) -> None:
+    out.print(f"{model}: test accuracy [bold]{result.accuracy:.2%}[/] on {sum(map(sum, result.confusion)):,} images")
+    per_class = Table("class", "accuracy", title="per class")
+    for name, accuracy in zip(classes, result.per_class):
+        per_class.add_row(name, f"{accuracy:.1%}")
+    out.print(per_class)
+    confusion = Table("true \\ predicted", *[str(i) for i in range(len(classes))], title="confusion matrix")
+    for i, (name, row) in enumerate(zip(classes, result.confusion)):
+        confusion.add_row(f"{i} {name}", *[f"[bold]{n}[/]" if i == j else str(n) for j, n in enumerate(row)])
+    out.print(confusion)
+
+
+@app.command()
+@friendly
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files, any size and mode.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path("export/fmnist.onnx"),
+    invert: Annotated[bool, typer.Option(
+        help="Invert the pixels first: Fashion-MNIST is a light garment on a dark background, "
+             "so use this for a dark item photographed on a light background.")] = False,
+    top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+):
+    """Classify image files with onnxruntime (no torch): the top classes and their probabilities.
+
+    An image that cannot be read is reported on stderr; the others are still classified, and the exit
+    code is then 1."""
+    from fmnist import runtime
+
+    sess = runtime.session(onnx)
+    results, failed = [], 0
+    for path in images:
+        try:
+            ranked = runtime.top_classes(sess, runtime.load_image(path, invert), max(top, 1))
+        except FmnistError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            failed += 1
+            continue
+        results.append({"image": str(path), "top": [{"class": name, "probability": p} for name, p in ranked]})
+        if not as_json:
+            out.print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked),
+                      highlight=False, soft_wrap=True)
+    if as_json:
+        out.print_json(data=results)
+    if failed:
+        raise typer.Exit(1)
+
+
 class RichReporter:
     """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface)."""
 

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,15 +159,19 @@ def prepare_out(folder: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise FmnistError(f"--out {out}: cannot write there ({e.strerror}); choose another folder") from None
+        raise FmnistError(f"{out}: cannot write there ({e.strerror}); choose another folder") from None
     return out
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), then rename it to `path`: an interruption never leaves a half-written file."""
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary name to write to; renamed to `path` when the block succeeds, removed when it fails.
+
+    So an interruption or a failed check never leaves a half-written file, nor harms the one already there.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -183,7 +188,8 @@ def save_checkpoint(path: Path, model, optimizer, config: TrainConfig, history: 
         "metrics": history,
         "versions": {"fmnist": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
     }
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -215,4 +221,5 @@ def load_network(path: str | Path) -> Network:
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl: one JSON object per epoch, rewritten whole (and atomically) after each epoch."""
     text = "".join(json.dumps(row) + "\n" for row in history)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

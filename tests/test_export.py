@@ -1,0 +1,165 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+
+from fmnist import FmnistError, data, export
+from fmnist.model import CLASSES
+from tests import tutorial
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    out, _ = trained
+    result = run_cli("export", "--onnx", "--checkpoint", out / "fmnist.pt", "--output", out / "m.onnx")
+    assert result.exit_code == 0, result.output
+    return out / "m.onnx", result
+
+
+@pytest.fixture(scope="module")
+def test_images(real_data):
+    test = data.load("test", download=False)
+    return (test.images.astype(np.float32) / 255)[:, None], test.labels
+
+
+def fresh_session(path):
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_writes_one_self_contained_verified_file(exported):
+    path, result = exported
+    assert sorted(p.name for p in path.parent.iterdir() if "onnx" in p.name) == ["m.onnx"]   # no m.onnx.data
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert "onnxruntime test accuracy" in result.stdout and "verified against torch" in result.stdout
+
+
+@pytest.mark.parametrize("batch_size", [1, 37, 10_000])
+def test_onnxruntime_matches_the_tutorial_class_on_every_test_image(exported, trained, test_images, batch_size):
+    path, _ = exported
+    images, _ = test_images
+    model = tutorial.Network()
+    model.load_state_dict(torch.load(trained[0] / "fmnist.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    sess = fresh_session(path)
+    got = np.concatenate([sess.run(["logits"], {"images": images[i:i + batch_size]})[0]
+                          for i in range(0, len(images), batch_size)])
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_dynamic_batch_axis_and_metadata(exported):
+    model = onnx.load(str(exported[0]))
+    (images,), (logits,) = model.graph.input, model.graph.output
+    assert images.name == "images" and logits.name == "logits"
+    assert images.type.tensor_type.shape.dim[0].dim_param          # symbolic, not a fixed size
+    assert [d.dim_value for d in images.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES) and "[0, 1]" in meta["input"]
+    sess = fresh_session(exported[0])
+    for n in (2, 5, 128):
+        assert sess.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
+
+
+def test_failed_verification_keeps_nothing_new_and_loses_nothing(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "TOLERANCE", 0.0)     # no float32 export matches to the last bit
+    fresh, existing = tmp_path / "new.onnx", tmp_path / "old.onnx"
+    existing.write_text("the user's earlier model")
+    for output in (fresh, existing):
+        with pytest.raises(FmnistError, match="onnxruntime disagrees with torch"):
+            export.export_onnx(trained[0] / "fmnist.pt", output)
+    assert not fresh.exists() and existing.read_text() == "the user's earlier model"
+    assert [p.name for p in tmp_path.iterdir()] == ["old.onnx"]
+
+
+def test_evaluate_with_torch_and_onnxruntime_agree(exported, trained):
+    by_torch = run_cli("evaluate", "--checkpoint", trained[0] / "fmnist.pt", "--json")
+    by_onnx = run_cli("evaluate", "--onnx", exported[0], "--json")
+    assert by_torch.exit_code == 0 and by_onnx.exit_code == 0, by_torch.output + by_onnx.output
+    a, b = json.loads(by_torch.stdout), json.loads(by_onnx.stdout)
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["accuracy"] == b["accuracy"]
+    confusion = np.array(b["confusion_matrix"])
+    assert confusion.sum() == 10_000 and (confusion.sum(axis=1) == 1_000).all()
+    assert b["accuracy"] == pytest.approx(np.trace(confusion) / 10_000)
+    recorded = torch.load(trained[0] / "fmnist.pt", weights_only=True)["metrics"][-1]["test_accuracy"]
+    assert b["accuracy"] == pytest.approx(recorded, abs=1e-6)
+    assert b["per_class_accuracy"]["Trouser"] == pytest.approx(confusion[1, 1] / 1_000)
+
+
+def test_evaluate_prints_tables(exported):
+    result = run_cli("evaluate", "--onnx", exported[0])
+    assert result.exit_code == 0 and "confusion matrix" in result.stdout and "Ankle boot" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def pngs(test_images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pngs")
+    images, _ = test_images
+    paths = []
+    for i in range(12):
+        paths.append(folder / f"test{i}.png")
+        Image.fromarray((images[i, 0] * 255).round().astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def top1(result) -> dict[str, str]:
+    """{file name: most probable class} from `fmnist predict --json`."""
+    return {row["image"].rsplit("/", 1)[-1]: row["top"][0]["class"] for row in json.loads(result.stdout)}
+
+
+def test_predict_agrees_with_evaluate(exported, pngs, test_images):
+    images, _ = test_images
+    result = run_cli("predict", *pngs, "--onnx", exported[0], "--json")
+    assert result.exit_code == 0, result.output
+    classes = fresh_session(exported[0]).run(None, {"images": images[:12]})[0].argmax(1)
+    assert top1(result) == {p.name: CLASSES[c] for p, c in zip(pngs, classes)}
+    human = run_cli("predict", pngs[0], "--onnx", exported[0], "--top", "2")
+    assert human.stdout.startswith(f"{pngs[0]}: {CLASSES[classes[0]]} ") and human.stdout.count("%") == 2
+
+
+def test_predict_resizes_any_image_and_inverts(exported, pngs, tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.open(pngs[0]).resize((280, 280), Image.Resampling.NEAREST).convert("RGB").save(big, quality=95)
+    dark_on_light = tmp_path / "dark.png"
+    Image.eval(Image.open(pngs[0]), lambda v: 255 - v).save(dark_on_light)
+    result = run_cli("predict", pngs[0], big, "--onnx", exported[0], "--json")
+    inverted = run_cli("predict", dark_on_light, "--invert", "--onnx", exported[0], "--json")
+    assert result.exit_code == 0 and inverted.exit_code == 0
+    first = top1(result)
+    assert first["big.jpg"] == first[pngs[0].name] == top1(inverted)["dark.png"]
+
+
+def test_predict_names_a_bad_image_and_still_classifies_the_others(exported, pngs, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(pngs[0].read_bytes()[:40])
+    result = run_cli("predict", pngs[0], corrupt, pngs[1], "--onnx", exported[0], "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error: {corrupt}: cannot read this image" in result.stderr
+    assert set(top1(result)) == {pngs[0].name, pngs[1].name}
+
+
+def test_predict_does_not_import_torch(exported, pngs):
+    code = ("import sys; from typer.testing import CliRunner; from fmnist.cli import app; "
+            f"r = CliRunner().invoke(app, ['predict', {str(pngs[0])!r}, '--onnx', {str(exported[0])!r}]); "
+            "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "x.png", "--onnx", "missing.onnx"], "error: ONNX model missing.onnx not found"),
+    (["evaluate", "--onnx", "missing.onnx"], "error: ONNX model missing.onnx not found"),
+    (["export", "--onnx", "--checkpoint", "missing.pt"], "error: checkpoint missing.pt not found"),
+    (["evaluate", "--checkpoint", "missing.pt"], "error: checkpoint missing.pt not found"),
+    (["export"], "error: say which format: `fmnist export --onnx`"),
+])
+def test_missing_model_is_a_clear_error(args, message, real_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*args)
+    assert result.exit_code == 1 and result.stderr.startswith(message) and "Traceback" not in result.output
