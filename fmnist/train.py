@@ -65,8 +65,7 @@ def train(config: TrainConfig, report: Reporter = Reporter()) -> list[dict]:
     model = Network().to(device)
     forward = torch.compile(model) if config.compile else model   # save `model`: compiled keys gain _orig_mod.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    amp_dtype = _amp_dtype(config.amp, device, report)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    step = make_step(forward, optimizer, _amp_dtype(config.amp, device, report))
     order = torch.Generator(device=device).manual_seed(config.seed)   # the batches' order, epoch by epoch
     n = len(train_x)
     history = []
@@ -75,35 +74,8 @@ def train(config: TrainConfig, report: Reporter = Reporter()) -> list[dict]:
     for epoch in range(1, config.epochs + 1):
         model.train()
         report.epoch_start(epoch, config.epochs, n)
-        permutation = torch.randperm(n, device=device, generator=order)
-        total_loss = torch.zeros((), device=device)   # stays on the device: no host sync per step
-        total_correct = torch.zeros((), device=device, dtype=torch.long)
         start = time.perf_counter()
-
-        # repeat for the epoch
-        for i in range(0, n, config.batch_size):
-            # get batch: one indexing operation on the device, no DataLoader
-            index = permutation[i:i + config.batch_size]
-            images, labels = train_x[index], train_y[index]
-
-            # pass batch
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                preds = forward(images)
-                # calculate loss
-                loss = F.cross_entropy(preds, labels)
-
-            # calculate gradients
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-
-            # update weights
-            scaler.step(optimizer)
-            scaler.update()
-
-            total_loss += loss.detach() * len(labels)
-            total_correct += (preds.argmax(dim=1) == labels).sum()
-            report.step(i + len(labels), loss.detach())
-
+        total_loss, total_correct = train_epoch(step, train_x, train_y, config.batch_size, order, report)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -121,6 +93,54 @@ def train(config: TrainConfig, report: Reporter = Reporter()) -> list[dict]:
         write_metrics(out / "metrics.jsonl", history)
         report.epoch_end(history[-1])
     return history
+
+
+def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Generator,
+                report: Reporter = Reporter()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over all `images` in a random order. Returns the summed loss and the number of correct
+    predictions, both still on the device: nothing here waits for the device until the caller reads them."""
+    n = len(images)
+    permutation = torch.randperm(n, device=images.device, generator=order)
+    total_loss = torch.zeros((), device=images.device)
+    total_correct = torch.zeros((), device=images.device, dtype=torch.long)
+
+    # repeat for the epoch
+    for i in range(0, n, batch_size):
+        # get batch: one indexing operation on the device, no DataLoader
+        index = permutation[i:i + batch_size]
+        loss, correct = step(images[index], labels[index])
+
+        total_loss += loss * len(index)
+        total_correct += correct
+        report.step(i + len(index), loss)
+    return total_loss, total_correct
+
+
+def make_step(forward, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None = None):
+    """The training step on one batch: pass batch, calculate loss, calculate gradients, update weights.
+
+    `forward` is the Network (or its torch.compile'd form). amp_dtype: None trains in float32; bfloat16 or
+    float16 runs the forward pass under CUDA autocast, float16 with a GradScaler against underflow.
+    """
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # pass batch
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            preds = forward(images)
+            # calculate loss
+            loss = F.cross_entropy(preds, labels)
+
+        # calculate gradients
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+
+        # update weights
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach(), (preds.argmax(dim=1) == labels).sum()
+
+    return step
 
 
 def _amp_dtype(amp: bool, device: torch.device, report: Reporter) -> torch.dtype | None:

@@ -1,0 +1,102 @@
+"""Shared pieces of the benchmarks: data, models, the samples/s bookkeeping and the ratio table.
+
+Every benchmark records `samples_per_second` (from the median round), `batch_size`, `device` and `path`
+in its extra_info; one row per (group, batch size, device kind) is the baseline its ratio is taken to.
+"""
+
+import gzip
+import os
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+import fmnist
+from fmnist import FmnistError, data
+
+BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager"}
+
+
+@pytest.fixture(scope="session")
+def data_files():
+    try:
+        return data.locate(download=False)
+    except FmnistError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the real Fashion-MNIST (.ci/run installs it): {e}")
+        pytest.skip(f"needs the real Fashion-MNIST: {e}")
+
+
+@pytest.fixture(scope="session")
+def train_split(data_files):
+    return data.load("train", download=False)
+
+
+@pytest.fixture(scope="session")
+def test_split(data_files):
+    return data.load("test", download=False)
+
+
+@pytest.fixture(scope="session")
+def torchvision_root(data_files, tmp_path_factory):
+    """A root that torchvision's FashionMNIST reads without downloading: the raw IDX files, decompressed."""
+    root = tmp_path_factory.mktemp("torchvision")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, path in data_files.items():
+        (raw / name).write_bytes(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
+    return root
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row (group, name, extra_info) plus `ratio`: its samples/s over its baseline's, the baseline being
+    the CPU row of the same group and batch size whose path is BASELINES[group]."""
+    base = {(r["group"], r["extra_info"]["batch_size"]): r["extra_info"]["samples_per_second"]
+            for r in rows if r["extra_info"]["path"] == BASELINES.get(r["group"]) and r["extra_info"]["device"] == "cpu"}
+    for r in rows:
+        baseline = base.get((r["group"], r["extra_info"]["batch_size"]))
+        r["ratio"] = r["extra_info"]["samples_per_second"] / baseline if baseline else None
+    return rows
+
+
+def timed_rows(benchmarks) -> list[dict]:
+    rows = [{"group": b["group"], "name": b["name"], "extra_info": b["extra_info"]} for b in benchmarks]
+    return with_ratios([r for r in rows if "samples_per_second" in r["extra_info"]])
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import onnxruntime
+
+    machine_info["cores"] = os.cpu_count()
+    machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["versions"] = {"fmnist": fmnist.__version__, "torch": str(torch.__version__),
+                                "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                                "python": platform.python_version()}
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    ratios = {(r["group"], r["name"]): r["ratio"] for r in timed_rows(output_json["benchmarks"])}
+    for b in output_json["benchmarks"]:
+        b["extra_info"]["ratio_to_baseline"] = ratios.get((b["group"], b["name"]))
+
+
+@pytest.hookimpl(trylast=True)   # after pytest-benchmark's own table
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)   # pytest-benchmark keeps its results there
+    if session is None or not session.benchmarks:
+        return
+    rows = timed_rows([{"group": b.group, "name": b.name, "extra_info": b.extra_info} for b in session.benchmarks])
+    if not rows:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(f"{'group':<10} {'path':<34} {'device':<6} {'batch':>5} {'samples/s':>12} {'x baseline':>10}")
+    for r in sorted(rows, key=lambda r: (r["group"], r["extra_info"]["batch_size"], -r["extra_info"]["samples_per_second"])):
+        info = r["extra_info"]
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        write(f"{r['group']:<10} {info['path']:<34} {info['device']:<6} {info['batch_size']:>5} "
+              f"{info['samples_per_second']:>12,.0f} {ratio:>10}")
+    write(f"baselines: {BASELINES['train']} (train), {BASELINES['inference']} (inference), at the same batch size")

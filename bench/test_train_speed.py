@@ -1,0 +1,109 @@
+"""Training throughput: the tutorial's DataLoader loop (the baseline) against fmnist's loop.
+
+Each timed round is STEPS training steps. Before a path is timed, its losses on the same batches from the
+same weights are checked against plain eager torch, so a fast wrong path cannot win.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.common import cuda_or_skip, new_network, record
+from fmnist import data
+from fmnist.train import make_step, train_epoch
+
+STEPS = 30          # training steps per timed round
+ROUNDS = 5          # timed rounds, after one warm-up round
+BATCH_SIZES = [100, 1000]
+
+
+def reference_losses(images, labels, batch_size, steps=3):
+    """Losses of plain eager torch (the tutorial's arithmetic) over the first `steps` batches."""
+    model = new_network(images.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for i in range(steps):
+        loss = F.cross_entropy(model(images[i * batch_size:(i + 1) * batch_size]),
+                               labels[i * batch_size:(i + 1) * batch_size])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.benchmark(group="train")
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_tutorial_dataloader_loop(benchmark, torchvision_root, batch_size):
+    """The tutorial's own way: torchvision dataset with ToTensor, DataLoader(shuffle=True), Adam."""
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    train_set = torchvision.datasets.FashionMNIST(root=str(torchvision_root), train=True, download=False,
+                                                  transform=torchvision.transforms.ToTensor())
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
+    network = new_network()
+    optimizer = torch.optim.Adam(network.parameters(), lr=0.01)
+
+    def run_round():
+        total_loss = total_correct = 0
+        for _, (images, labels) in zip(range(STEPS), loader):
+            preds = network(images)
+            loss = F.cross_entropy(preds, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item()                                  # the tutorial's bookkeeping,
+            total_correct += preds.argmax(dim=1).eq(labels).sum().item()  # a host sync per step
+        return total_loss
+
+    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, path="tutorial DataLoader loop", samples=STEPS * batch_size, batch_size=batch_size,
+           device="cpu")
+
+
+PATHS = [  # (path name, device, compile, autocast dtype)
+    ("fmnist loop, eager", "cpu", False, None),
+    ("fmnist loop, compiled", "cpu", True, None),
+    ("fmnist loop, eager", "cuda", False, None),
+    ("fmnist loop, compiled", "cuda", True, None),
+    ("fmnist loop, AMP", "cuda", False, "amp"),
+]
+
+
+@pytest.mark.benchmark(group="train")
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("path, device, compiled, amp", PATHS, ids=[f"{p[0]}-{p[1]}" for p in PATHS])
+def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_size):
+    cuda_or_skip(device)
+    images, labels = data.to_tensors(train_split, device)
+    images, labels = images[:STEPS * batch_size], labels[:STEPS * batch_size]   # one round = one epoch of these
+    amp_dtype = None
+    if amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def new_step():
+        model = new_network(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        return make_step(torch.compile(model) if compiled else model, optimizer, amp_dtype)
+
+    # Check: the path's losses on the first batches, in order, match plain eager torch.
+    step = new_step()
+    start = time.perf_counter()
+    losses = [step(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])[0].item()
+              for i in range(3)]
+    first_steps_seconds = time.perf_counter() - start     # includes torch.compile's one-off compilation
+    tolerance = 2e-2 if amp else 1e-4                     # autocast computes in 16 bits
+    assert losses == pytest.approx(reference_losses(images, labels, batch_size), rel=tolerance)
+
+    order = torch.Generator(device=device).manual_seed(0)
+
+    def run_round():
+        total_loss, _ = train_epoch(step, images, labels, batch_size, order)
+        return total_loss.item()   # one sync per round, as fmnist syncs once per epoch
+
+    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, path=path, samples=STEPS * batch_size, batch_size=batch_size, device=device,
+           first_steps_seconds=first_steps_seconds)
