@@ -15,7 +15,7 @@ import torch
 import fmnist
 from fmnist import FmnistError, data
 
-BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager"}
+BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
 
 
 @pytest.fixture(scope="session")
@@ -99,4 +99,4 @@ def pytest_terminal_summary(terminalreporter, config):
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         write(f"{r['group']:<10} {info['path']:<34} {info['device']:<6} {info['batch_size']:>5} "
               f"{info['samples_per_second']:>12,.0f} {ratio:>10}")
-    write(f"baselines: {BASELINES['train']} (train), {BASELINES['inference']} (inference), at the same batch size")
+    write("baselines, at the same batch size: " + ", ".join(f"{path} ({group})" for group, path in BASELINES.items()))
