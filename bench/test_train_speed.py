@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bench.common import cuda_or_skip, new_network, record
 from fmnist import data
-from fmnist.train import make_step, train_epoch
+from fmnist.train import TrainingState, make_step, recipe, train_epoch
 
 STEPS = 30          # training steps per timed round
 ROUNDS = 5          # timed rounds, after one warm-up round
@@ -64,12 +64,12 @@ def test_tutorial_dataloader_loop(benchmark, torchvision_root, batch_size):
            device="cpu")
 
 
-PATHS = [  # (path name, device, compile, autocast dtype)
-    ("fmnist loop, eager", "cpu", False, None),
-    ("fmnist loop, compiled", "cpu", True, None),
-    ("fmnist loop, eager", "cuda", False, None),
-    ("fmnist loop, compiled", "cuda", True, None),
-    ("fmnist loop, AMP", "cuda", False, "amp"),
+PATHS = [  # (path name, device, compile, autocast)
+    ("fmnist loop, eager", "cpu", False, False),
+    ("fmnist loop, compiled", "cpu", True, False),
+    ("fmnist loop, eager", "cuda", False, False),
+    ("fmnist loop, compiled", "cuda", True, False),
+    ("fmnist loop, AMP", "cuda", False, True),
 ]
 
 
@@ -77,20 +77,17 @@ PATHS = [  # (path name, device, compile, autocast dtype)
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 @pytest.mark.parametrize("path, device, compiled, amp", PATHS, ids=[f"{p[0]}-{p[1]}" for p in PATHS])
 def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_size):
+    """fmnist's loop as `fmnist train --recipe seed` runs it: the tutorial's arithmetic, fmnist's way."""
     cuda_or_skip(device)
     images, labels = data.to_tensors(train_split, device)
     images, labels = images[:STEPS * batch_size], labels[:STEPS * batch_size]   # one round = one epoch of these
-    amp_dtype = None
-    if amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def new_step():
-        model = new_network(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        return make_step(torch.compile(model) if compiled else model, optimizer, amp_dtype)
+    config = recipe("seed", batch_size=batch_size, device=device, compile=compiled, amp=amp)
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+    torch.manual_seed(0)      # the same initial weights as reference_losses'
+    state = TrainingState(config, torch.device(device), steps_per_epoch=STEPS)
+    step = make_step(torch.compile(state.model) if compiled else state.model, state, amp_dtype=amp_dtype)
 
     # Check: the path's losses on the first batches, in order, match plain eager torch.
-    step = new_step()
     start = time.perf_counter()
     losses = [step(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])[0].item()
               for i in range(3)]
@@ -98,10 +95,8 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
     tolerance = 2e-2 if amp else 1e-4                     # autocast computes in 16 bits
     assert losses == pytest.approx(reference_losses(images, labels, batch_size), rel=tolerance)
 
-    order = torch.Generator(device=device).manual_seed(0)
-
     def run_round():
-        total_loss, _ = train_epoch(step, images, labels, batch_size, order)
+        total_loss, _ = train_epoch(step, images, labels, config, state.order)
         return total_loss.item()   # one sync per round, as fmnist syncs once per epoch
 
     benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)

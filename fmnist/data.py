@@ -169,3 +169,23 @@ def to_tensors(split: Split, device):
     images = images.unsqueeze(1).float().div_(255)
     labels = torch.from_numpy(split.labels.astype(np.int64)).to(device)
     return images, labels
+
+
+def augment(images, flip: bool, shift: int, generator):
+    """A batch (N, 1, 28, 28) with random horizontal flips (half of the images) and random shifts of up to
+    `shift` pixels each way (zero-padded), drawn per image from `generator`, all on the batch's device."""
+    import torch
+    import torch.nn.functional as F
+
+    n, device = len(images), images.device
+    if flip:
+        flipped = torch.rand(n, device=device, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+    if shift:
+        size = 28 + 2 * shift
+        padded = F.pad(images, (shift, shift, shift, shift)).view(n, size * size)
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=device, generator=generator)
+        window = torch.arange(28, device=device)[:, None] * size + torch.arange(28, device=device)
+        # one gather of each image's shifted 28 x 28 window: 3x faster than indexing rows and columns
+        images = padded.gather(1, dy * size + dx + window.view(1, -1)).view(n, 1, 28, 28)
+    return images

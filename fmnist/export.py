@@ -10,7 +10,8 @@ import torch
 
 from fmnist import FmnistError, __version__, data, runtime
 from fmnist.model import CLASSES
-from fmnist.train import atomic_path, infer, load_network, prepare_out
+from fmnist.files import atomic_path, prepare_out
+from fmnist.train import infer, load_network
 
 # Batch sizes the exported model is checked at, each over all 10,000 test images: one image at a time,
 # an odd size that leaves a partial last batch (10,000 = 10 x 999 + 10), and the whole set at once.

@@ -1,31 +1,90 @@
 """The training loop, evaluation and checkpoints."""
 
 import json
-import os
+import math
 import platform
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fmnist import FmnistError, __version__, data
+from fmnist import FmnistError, __version__, data, plots
+from fmnist.files import atomic_path, prepare_out
 from fmnist.model import Network
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10            # full passes over the 60,000 training images
-    batch_size: int = 100       # the tutorial's batch
-    lr: float = 0.01            # Adam's step size, the tutorial's
-    seed: int = 0               # weights' initialisation and the batches' order
-    device: str = "auto"        # auto | cpu | cuda; auto takes CUDA when present
-    compile: bool = False       # torch.compile the Network
-    amp: bool = False           # CUDA autocast: bf16 where supported, else fp16 with a GradScaler
-    data_dir: str | None = None  # where Fashion-MNIST is (see fmnist.data); None searches
-    out: str = "export"         # where fmnist.pt and metrics.jsonl are written
+    epochs: int = 40              # full passes over the 60,000 training images
+    batch_size: int = 128         # images per step
+    lr: float = 0.005             # Adam's step size; with a schedule, its peak
+    schedule: str = "onecycle"    # constant | onecycle | cosine: how the step size moves, step by step
+    flip: bool = True             # random horizontal flips of the training images
+    shift: int = 1                # random shifts of the training images, up to this many pixels each way
+    label_smoothing: float = 0.1  # cross-entropy against targets this much spread over the other classes
+    ema: float = 0.0              # decay of an exponential moving average of the weights; 0 turns it off
+    seed: int = 0                 # weights' initialisation, batches' order, augmentation
+    device: str = "auto"          # auto | cpu | cuda; auto takes CUDA when present
+    compile: bool = False         # torch.compile the Network
+    amp: bool = False             # CUDA autocast: bf16 where supported, else fp16 with a GradScaler
+    data_dir: str | None = None   # where Fashion-MNIST is (see fmnist.data); None searches
+    out: str = "export"           # where fmnist.pt, metrics.jsonl and curves.png are written
+
+
+# A recipe is a set of defaults for the options that change what is learned; options given explicitly win.
+RECIPES = {
+    "tuned": {},   # TrainConfig's own defaults: see the README for what each part is worth
+    "seed": dict(epochs=10, batch_size=100, lr=0.01, schedule="constant", flip=False, shift=0,
+                 label_smoothing=0.0, ema=0.0),   # the tutorial's recipe, exactly
+}
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def recipe(name: str, **options) -> TrainConfig:
+    """The config of a recipe, with the options that are not None put over it."""
+    if name not in RECIPES:
+        raise FmnistError(f"--recipe {name}: choose one of {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **{k: v for k, v in options.items() if v is not None}})
+
+
+def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> TrainConfig:
+    """The config of the run saved in `out`, to continue it. Where it runs (device, compile, amp, data_dir)
+    may change; so may --epochs, unless the step size follows a schedule planned for the saved number."""
+    path = Path(out) / "fmnist.pt"
+    if not path.is_file():
+        raise FmnistError(f"--resume: no checkpoint in {out} to resume; train without --resume first")
+    given = [name for name, value in changed.items() if value is not None]
+    if given:
+        raise FmnistError(f"--resume continues the recipe saved in {path}; leave out "
+                          f"--{given[0].replace('_', '-')} (or train afresh in another --out)")
+    try:
+        config = TrainConfig(**{**load_checkpoint(path)["config"], **runtime})
+    except TypeError:
+        raise FmnistError(f"{path} was written by another version of fmnist; train afresh") from None
+    if epochs is not None and epochs != config.epochs:
+        if config.schedule != "constant":
+            raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule was planned for "
+                              f"{config.epochs} epochs; resume with --epochs {config.epochs}, or train afresh")
+        config = replace(config, epochs=epochs)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse, with the option's name, a config that cannot train."""
+    problems = [
+        (config.epochs < 1, f"--epochs {config.epochs}: must be 1 or more"),
+        (config.batch_size < 1, f"--batch-size {config.batch_size}: must be 1 or more"),
+        (not config.lr > 0, f"--lr {config.lr}: must be greater than 0"),
+        (config.schedule not in SCHEDULES, f"--schedule {config.schedule}: choose one of {', '.join(SCHEDULES)}"),
+        (not 0 <= config.shift <= 8, f"--shift {config.shift}: must be 0 to 8 pixels"),
+        (not 0 <= config.label_smoothing < 1, f"--label-smoothing {config.label_smoothing}: must be in [0, 1)"),
+        (not 0 <= config.ema < 1, f"--ema {config.ema}: must be in [0, 1), 0 for off"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise FmnistError(message)
 
 
 class Reporter:
@@ -51,51 +110,107 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(config: TrainConfig, report: Reporter = Reporter()) -> list[dict]:
+def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = False) -> list[dict]:
     """Train the Network as `config` says; after each epoch, write the checkpoint and metrics to config.out.
 
+    resume: continue the run whose checkpoint is in config.out from its last completed epoch.
     Returns the metrics, one dict per epoch.
     """
+    check(config)
     device = resolve_device(config.device)
     out = prepare_out(config.out)
+    saved = load_checkpoint(out / "fmnist.pt") if resume else None
     torch.manual_seed(config.seed)
     train_x, train_y = data.to_tensors(data.load("train", config.data_dir), device)
     test_x, test_y = data.to_tensors(data.load("test", config.data_dir), device)
 
-    model = Network().to(device)
-    forward = torch.compile(model) if config.compile else model   # save `model`: compiled keys gain _orig_mod.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = make_step(forward, optimizer, _amp_dtype(config.amp, device, report))
-    order = torch.Generator(device=device).manual_seed(config.seed)   # the batches' order, epoch by epoch
-    n = len(train_x)
+    state = TrainingState(config, device, steps_per_epoch=math.ceil(len(train_x) / config.batch_size))
     history = []
+    if saved is not None:
+        state.load_state_dict(saved["training"])
+        history = saved["metrics"]
+    forward = torch.compile(state.model) if config.compile else state.model
+    step = make_step(forward, state, config.label_smoothing, _amp_dtype(config.amp, device, report))
+    n = len(train_x)
 
     # repeat for epochs
-    for epoch in range(1, config.epochs + 1):
-        model.train()
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        state.model.train()
         report.epoch_start(epoch, config.epochs, n)
         start = time.perf_counter()
-        total_loss, total_correct = train_epoch(step, train_x, train_y, config.batch_size, order, report)
+        total_loss, total_correct = train_epoch(step, train_x, train_y, config, state.order, report)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        test_loss, test_accuracy = evaluate(model, test_x, test_y)
+        if not torch.isfinite(total_loss):
+            raise FmnistError(f"the loss became infinite or NaN in epoch {epoch}; try a lower --lr (now "
+                              f"{config.lr}). The checkpoint of the last good epoch is kept")
+        test_loss, test_accuracy = evaluate(state.network(), test_x, test_y)
         history.append({
             "epoch": epoch,
-            "train_loss": total_loss.item() / n,             # running mean over the epoch, in train mode
+            "train_loss": total_loss.item() / n,   # running mean over the epoch, augmented, label-smoothed
             "train_accuracy": total_correct.item() / n,
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "train_seconds": seconds,
             "samples_per_second": n / seconds,
         })
-        save_checkpoint(out / "fmnist.pt", model, optimizer, config, history)
+        save_checkpoint(out / "fmnist.pt", state, config, history)
         write_metrics(out / "metrics.jsonl", history)
         report.epoch_end(history[-1])
+    if history:
+        plots.curves(history, out / "curves.png")
     return history
 
 
-def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Generator,
+class TrainingState:
+    """Everything a training run changes as it goes: weights, Adam's moments, the step size schedule, the
+    moving average of the weights and the random generator of batches and augmentation. Saved whole after
+    every epoch, so that a resumed run ends exactly where an uninterrupted one would."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, steps_per_epoch: int):
+        # channels_last: mkldnn's convolutions run faster in it on the CPU; the arithmetic is unchanged.
+        # fused: one kernel for all the parameters' Adam updates. What each is worth, measured:
+        # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md).
+        self.model = Network().to(device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
+        total_steps = config.epochs * steps_per_epoch
+        self.scheduler = {
+            "constant": None,
+            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(self.optimizer, config.lr, total_steps),
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps),
+        }[config.schedule]
+        self.scheduler = self.scheduler() if self.scheduler else None
+        self.ema = None
+        if config.ema:
+            multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema)
+            self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=multi_avg_fn)
+        self.order = torch.Generator(device=device).manual_seed(config.seed)
+
+    def network(self) -> Network:
+        """The Network to evaluate and to save: the moving average of the weights when there is one."""
+        return self.ema.module if self.ema else self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "order": self.order.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.order.set_state(state["order"])
+
+
+def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,
                 report: Reporter = Reporter()) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over all `images` in a random order. Returns the summed loss and the number of correct
     predictions, both still on the device: nothing here waits for the device until the caller reads them."""
@@ -105,10 +220,11 @@ def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, batch_size: in
     total_correct = torch.zeros((), device=images.device, dtype=torch.long)
 
     # repeat for the epoch
-    for i in range(0, n, batch_size):
-        # get batch: one indexing operation on the device, no DataLoader
-        index = permutation[i:i + batch_size]
-        loss, correct = step(images[index], labels[index])
+    for i in range(0, n, config.batch_size):
+        # get batch: one indexing operation on the device, no DataLoader; augmented there too
+        index = permutation[i:i + config.batch_size]
+        batch = data.augment(images[index], config.flip, config.shift, order)
+        loss, correct = step(batch, labels[index])
 
         total_loss += loss * len(index)
         total_correct += correct
@@ -116,10 +232,10 @@ def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return total_loss, total_correct
 
 
-def make_step(forward, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None = None):
+def make_step(forward, state: TrainingState, label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None):
     """The training step on one batch: pass batch, calculate loss, calculate gradients, update weights.
 
-    `forward` is the Network (or its torch.compile'd form). amp_dtype: None trains in float32; bfloat16 or
+    `forward` is state.model (or its torch.compile'd form). amp_dtype: None trains in float32; bfloat16 or
     float16 runs the forward pass under CUDA autocast, float16 with a GradScaler against underflow.
     """
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -129,15 +245,19 @@ def make_step(forward, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype 
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             preds = forward(images)
             # calculate loss
-            loss = F.cross_entropy(preds, labels)
+            loss = F.cross_entropy(preds, labels, label_smoothing=label_smoothing)
 
         # calculate gradients
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
 
         # update weights
-        scaler.step(optimizer)
+        scaler.step(state.optimizer)
         scaler.update()
+        if state.scheduler:
+            state.scheduler.step()
+        if state.ema:
+            state.ema.update_parameters(state.model)
         return loss.detach(), (preds.argmax(dim=1) == labels).sum()
 
     return step
@@ -170,43 +290,17 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 # ---- files ---------------------------------------------------------------------------------------
 
-def prepare_out(folder: str | Path) -> Path:
-    """Make sure we can write in `folder` before spending time on training."""
-    out = Path(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FmnistError(f"{out}: cannot write there ({e.strerror}); choose another folder") from None
-    return out
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """A temporary name to write to; renamed to `path` when the block succeeds, removed when it fails.
-
-    So an interruption or a failed check never leaves a half-written file, nor harms the one already there.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: Path, model, optimizer, config: TrainConfig, history: list[dict]) -> None:
-    """Weights under "model" (the plain Network's state_dict) and only plain-typed metadata beside them,
-    so that torch.load(path, weights_only=True) reads it all."""
+def save_checkpoint(path: Path, state: TrainingState, config: TrainConfig, history: list[dict]) -> None:
+    """The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
+    beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
+    needs."""
     checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": {k: v.contiguous() for k, v in state.network().state_dict().items()},
         "epoch": history[-1]["epoch"],
         "config": asdict(config),
         "metrics": history,
         "versions": {"fmnist": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
+        "training": state.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fmnist import data
-from fmnist.train import TrainConfig, evaluate, train
+from fmnist.train import evaluate
 from tests import tutorial
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds",
@@ -25,7 +25,7 @@ def test_checkpoint_loads_into_the_tutorial_class_and_reproduces_its_accuracy(tr
     out, _ = trained
     checkpoint = torch.load(out / "fmnist.pt", weights_only=True)   # plain types only, no pickled code
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["epochs"] == 1
-    assert {"state", "param_groups"} <= checkpoint["optimizer"].keys()
+    assert {"state", "param_groups"} <= checkpoint["training"]["optimizer"].keys()
     model = tutorial.Network()
     model.load_state_dict(checkpoint["model"])
     images, labels = data.to_tensors(data.load("test", download=False), "cpu")

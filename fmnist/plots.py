@@ -1,0 +1,56 @@
+"""PNG pictures: training curves and the confusion matrix. matplotlib is imported only when one is drawn,
+with the non-interactive Agg backend, so nothing here needs a display."""
+
+from pathlib import Path
+
+from fmnist.files import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Written to a temporary name, then renamed: a reader never sees half a PNG."""
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and test, side by side."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "o-"), ("test", "s-")):
+        loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split, markersize=3)
+        accuracy.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], style, label=split, markersize=3)
+    loss.set(title="loss (train: augmented, label-smoothed)", xlabel="epoch", ylabel="cross-entropy")
+    accuracy.set(title="accuracy", xlabel="epoch", ylabel="% correct")
+    for ax in (loss, accuracy):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion(matrix: list[list[int]], classes, path: Path, title: str = "confusion matrix") -> None:
+    """The confusion matrix as a heat map with its counts; rows are true classes, columns predicted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    brightest = max(max(row) for row in matrix)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, count, ha="center", va="center", fontsize=8,
+                    color="white" if count > brightest / 2 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+    plt.close(fig)

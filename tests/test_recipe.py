@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from fmnist import FmnistError, data
+from fmnist.train import TrainConfig, TrainingState, make_step, recipe, train_epoch
+
+
+def test_seed_recipe_is_the_tutorials():
+    c = recipe("seed")
+    assert (c.epochs, c.batch_size, c.lr, c.schedule) == (10, 100, 0.01, "constant")
+    assert (c.flip, c.shift, c.label_smoothing, c.ema) == (False, 0, 0.0, 0.0)
+
+
+def test_tuned_recipe_is_the_default_and_options_win():
+    assert recipe("tuned") == TrainConfig()
+    assert recipe("seed", lr=0.002, epochs=None).lr == 0.002 and recipe("seed", epochs=None).epochs == 10
+    assert recipe("tuned", flip=False).flip is False
+    with pytest.raises(FmnistError, match="--recipe best: choose one of tuned, seed"):
+        recipe("best")
+
+
+def test_augment_makes_flips_and_shifts_of_each_image():
+    images = torch.rand(64, 1, 28, 28)
+    out = data.augment(images, flip=True, shift=2, generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flipped_count = 0
+    for original, got in zip(padded, out):
+        matches = [(flip, dy, dx) for flip in (False, True) for dy in range(5) for dx in range(5)
+                   if torch.equal((original.flip(2) if flip else original)[:, dy:dy + 28, dx:dx + 28], got)]
+        assert matches, "an augmented image is not a flip and shift of its original"
+        flipped_count += matches[0][0]
+    assert 16 <= flipped_count <= 48            # about half; 64 fair coins land outside this once in 10^4
+    again = data.augment(images, flip=True, shift=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert data.augment(images, flip=False, shift=0, generator=None) is images
+
+
+def losses_of_a_few_steps(images, labels, seed, compiled=False, steps=5):
+    config = recipe("tuned", seed=seed, batch_size=100, epochs=1)
+    torch.manual_seed(seed)
+    state = TrainingState(config, torch.device("cpu"), steps_per_epoch=steps)
+    step = make_step(torch.compile(state.model) if compiled else state.model, state, config.label_smoothing)
+    losses = [step(data.augment(images[i * 100:(i + 1) * 100], config.flip, config.shift, state.order),
+                   labels[i * 100:(i + 1) * 100])[0].item() for i in range(steps)]
+    return losses, state.model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def first_images(real_data):
+    images, labels = data.to_tensors(data.load("train", download=False), "cpu")
+    return images[:500], labels[:500]
+
+
+def test_same_seed_gives_the_same_steps_on_cpu(first_images):
+    losses, weights = losses_of_a_few_steps(*first_images, seed=3)
+    again, weights_again = losses_of_a_few_steps(*first_images, seed=3)
+    other, _ = losses_of_a_few_steps(*first_images, seed=4)
+    assert losses == again and all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    assert other != losses
+
+
+def test_compiled_step_matches_the_eager_step(first_images):
+    eager, _ = losses_of_a_few_steps(*first_images, seed=0)
+    compiled, _ = losses_of_a_few_steps(*first_images, seed=0, compiled=True)
+    # Stated tolerance: inductor reorders float32 sums, and five Adam steps carry the differences along.
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP is CUDA autocast; this machine has no CUDA")
+def test_amp_step_on_cuda_follows_float32(first_images):
+    images, labels = (t.cuda() for t in first_images)
+    config = recipe("seed", device="cuda", amp=True)
+    results = []
+    for amp_dtype in (None, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+        torch.manual_seed(0)
+        state = TrainingState(config, torch.device("cuda"), steps_per_epoch=5)
+        step = make_step(state.model, state, amp_dtype=amp_dtype)
+        results.append([step(images[i * 100:(i + 1) * 100], labels[i * 100:(i + 1) * 100])[0].item()
+                        for i in range(5)])
+    assert results[1] == pytest.approx(results[0], rel=3e-2)   # 16-bit forward pass: about 2 digits
+
+
+def test_one_epoch_of_the_loop_counts_every_image(first_images):
+    images, labels = first_images
+    config = recipe("seed", batch_size=128)   # 500 = 3 x 128 + 116: the last batch is partial
+    torch.manual_seed(0)
+    state = TrainingState(config, torch.device("cpu"), steps_per_epoch=4)
+    total_loss, correct = train_epoch(make_step(state.model, state), images, labels, config, state.order)
+    assert 0 <= int(correct) <= 500 and torch.isfinite(total_loss)
+    assert state.optimizer.state[state.model.conv1.weight]["step"] == 4
