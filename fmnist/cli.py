@@ -41,7 +41,8 @@ def friendly(command):
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("interrupted: the last completed epoch's checkpoint and metrics are kept", highlight=False)
+            err.print("interrupted (training keeps the checkpoint and metrics of its last completed epoch)",
+                      highlight=False)
             raise typer.Exit(130) from None
 
     return run

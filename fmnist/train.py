@@ -174,13 +174,12 @@ class TrainingState:
         # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md).
         self.model = Network().to(device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
-        total_steps = config.epochs * steps_per_epoch
-        self.scheduler = {
-            "constant": None,
-            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(self.optimizer, config.lr, total_steps),
-            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps),
-        }[config.schedule]
-        self.scheduler = self.scheduler() if self.scheduler else None
+        total_steps = config.epochs * steps_per_epoch     # the schedules are stepped once per batch
+        self.scheduler = None
+        if config.schedule == "onecycle":
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, config.lr, total_steps)
+        elif config.schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
         self.ema = None
         if config.ema:
             multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema)
