@@ -13,38 +13,28 @@ import pytest
 import torch
 
 import fmnist
-from fmnist import FmnistError, data
+from fmnist import data
 
 BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
 
 
 @pytest.fixture(scope="session")
-def data_files():
-    try:
-        return data.locate(download=False)
-    except FmnistError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have the real Fashion-MNIST (.ci/run installs it): {e}")
-        pytest.skip(f"needs the real Fashion-MNIST: {e}")
-
-
-@pytest.fixture(scope="session")
-def train_split(data_files):
+def train_split(real_data):
     return data.load("train", download=False)
 
 
 @pytest.fixture(scope="session")
-def test_split(data_files):
+def test_split(real_data):
     return data.load("test", download=False)
 
 
 @pytest.fixture(scope="session")
-def torchvision_root(data_files, tmp_path_factory):
+def torchvision_root(real_data, tmp_path_factory):
     """A root that torchvision's FashionMNIST reads without downloading: the raw IDX files, decompressed."""
     root = tmp_path_factory.mktemp("torchvision")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name, path in data_files.items():
+    for name, path in real_data.items():
         (raw / name).write_bytes(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
     return root
 

@@ -150,3 +150,15 @@ def test_pictures_are_valid_pngs(tmp_path, trained):
     with Image.open(tmp_path / "confusion.png") as confusion:
         assert confusion.format == "PNG" and confusion.size[0] > 400
         confusion.verify()
+
+
+def test_a_truncated_data_file(tmp_path, real_data):
+    for path in real_data.values():
+        shutil.copy(path, tmp_path / path.name)
+    labels = next(tmp_path.glob("t10k-labels-idx1-ubyte*"))
+    labels.write_bytes(labels.read_bytes()[:len(labels.read_bytes()) // 2])
+    result = run_cli("evaluate", "--checkpoint", "missing.pt", "--data-dir", tmp_path)
+    one_line_error(result, "checkpoint missing.pt not found")      # the model is checked first, then the data
+    result = run_cli("train", "--epochs", "1", "--data-dir", tmp_path, "--out", tmp_path / "out")
+    one_line_error(result, str(labels))
+    assert not (tmp_path / "out" / "fmnist.pt").exists()
