@@ -130,7 +130,7 @@ def export_command(
     verification = export_onnx(checkpoint, output, data_dir)
     diffs = ", ".join(f"batch {size}: {diff:.1e}" for size, diff in verification.max_abs_diff.items())
     out.print(f"verified against torch on the 10,000 test images (max abs difference of logits {diffs}; "
-              f"tolerance {TOLERANCE:.0e}; same predicted classes)", highlight=False)
+              f"tolerance {TOLERANCE:.0e}; same predicted classes)", highlight=False, soft_wrap=True)
     out.print(f"onnxruntime test accuracy {verification.accuracy:.2%}", highlight=False)
     out.print(f"wrote {output}", highlight=False)
 
@@ -235,7 +235,7 @@ class RichReporter:
         self.progress = None
 
     def note(self, message: str) -> None:
-        err.print(f"[yellow]note:[/] {message}", highlight=False)
+        err.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
         self.epoch, self.epochs = epoch, epochs
@@ -260,7 +260,8 @@ class RichReporter:
         out.print(
             f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
             f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"
-            f"  {row['train_seconds']:.1f} s  {row['samples_per_second']:,.0f} samples/s", highlight=False)
+            f"  {row['train_seconds']:.1f} s  {row['samples_per_second']:,.0f} samples/s",
+            highlight=False, soft_wrap=True)
 
 
 def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:

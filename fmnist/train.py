@@ -129,6 +129,8 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
     if saved is not None:
         state.load_state_dict(saved["training"])
         history = saved["metrics"]
+        if len(history) >= config.epochs:
+            report.note(f"nothing to resume: the run in {out} has done {len(history)} of {config.epochs} epochs")
     forward = torch.compile(state.model) if config.compile else state.model
     step = make_step(forward, state, config.label_smoothing, _amp_dtype(config.amp, device, report))
     n = len(train_x)
