@@ -199,9 +199,12 @@ class TrainingState:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "order": self.order.get_state(),
+            "device": self.order.device.type,   # a generator's state fits only its own kind of device
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state["device"] != self.order.device.type:
+            raise FmnistError(f"this run was trained on {state['device']}: resume it with --device {state['device']}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:

@@ -162,3 +162,11 @@ def test_a_truncated_data_file(tmp_path, real_data):
     result = run_cli("train", "--epochs", "1", "--data-dir", tmp_path, "--out", tmp_path / "out")
     one_line_error(result, str(labels))
     assert not (tmp_path / "out" / "fmnist.pt").exists()
+
+
+def test_resume_on_another_kind_of_device_is_refused(tmp_path, trained):
+    checkpoint = torch.load(trained[0] / "fmnist.pt", weights_only=True)
+    checkpoint["training"]["device"] = "cuda"      # as if trained on a GPU
+    torch.save(checkpoint, tmp_path / "fmnist.pt")
+    one_line_error(run_cli("train", "--resume", "--device", "cpu", "--out", tmp_path),
+                   "this run was trained on cuda: resume it with --device cuda")
