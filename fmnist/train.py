@@ -60,7 +60,7 @@ def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> Tr
         raise FmnistError(f"--resume continues the recipe saved in {path}; leave out "
                           f"--{given[0].replace('_', '-')} (or train afresh in another --out)")
     try:
-        config = TrainConfig(**{**load_checkpoint(path)["config"], **runtime})
+        config = TrainConfig(**{**load_checkpoint(path)["config"], **runtime, "out": str(out)})
     except TypeError:
         raise FmnistError(f"{path} was written by another version of fmnist; train afresh") from None
     if epochs is not None and epochs != config.epochs:

@@ -170,3 +170,12 @@ def test_resume_on_another_kind_of_device_is_refused(tmp_path, trained):
     torch.save(checkpoint, tmp_path / "fmnist.pt")
     one_line_error(run_cli("train", "--resume", "--device", "cpu", "--out", tmp_path),
                    "this run was trained on cuda: resume it with --device cuda")
+
+
+def test_a_run_moved_to_another_folder_resumes_there(tmp_path, trained):
+    checkpoint = torch.load(trained[0] / "fmnist.pt", weights_only=True)
+    checkpoint["training"]["device"] = "cpu"
+    torch.save(checkpoint, tmp_path / "fmnist.pt")
+    result = run_cli("train", "--resume", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0 and f"the run in {tmp_path} has done 1 of 1 epochs" in result.stderr
+    assert (tmp_path / "curves.png").exists()
