@@ -34,6 +34,11 @@ def test_version():
     (["--lr", "0"], "--lr 0.0: must be greater than 0"),
     (["--lr", "-1e-3"], "--lr -0.001: must be greater than 0"),
     (["--device", "tpu"], "--device tpu: choose auto, cpu or cuda"),
+    (["--shift", "-1"], "--shift -1: must be 0 to 8 pixels"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+    (["--ema", "1.5"], "--ema 1.5: must be in [0, 1), 0 for off"),
+    (["--schedule", "step"], "--schedule step: choose one of constant, onecycle, cosine"),
+    (["--recipe", "best"], "--recipe best: choose one of tuned, seed"),
 ])
 def test_bad_train_options_are_one_line_errors(args, message, tmp_path):
     result = run_cli("train", "--out", tmp_path, *args)

@@ -68,17 +68,6 @@ def test_an_image_that_cannot_be_decoded(tmp_path, trained):
     one_line_error(run_cli("predict", bad, "--onnx", tmp_path / "m.onnx"), f"{bad}: cannot read this image")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--shift", "-1"], "--shift -1: must be 0 to 8 pixels"),
-    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
-    (["--ema", "1.5"], "--ema 1.5: must be in [0, 1), 0 for off"),
-    (["--schedule", "step"], "--schedule step: choose one of constant, onecycle, cosine"),
-    (["--recipe", "best"], "--recipe best: choose one of tuned, seed"),
-])
-def test_bad_recipe_options(args, message, tmp_path):
-    one_line_error(run_cli("train", "--out", tmp_path, *args), message)
-
-
 class InterruptAt(Reporter):
     """Ctrl-C as the given epoch starts."""
 
