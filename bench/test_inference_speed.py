@@ -40,9 +40,9 @@ def batch_of(test_split, batch_size: int) -> np.ndarray:
     return runtime.to_model_input(test_split.images[:batch_size])
 
 
-def check_and_time(benchmark, run, images: np.ndarray, expected: np.ndarray, **labels) -> None:
-    got = run()
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)   # a fast wrong path cannot win
+def check_and_time(benchmark, run, model, images: np.ndarray, **labels) -> None:
+    """Check run()'s logits against eager torch's on `images` (a fast wrong path cannot win), then time it."""
+    np.testing.assert_allclose(run(), eager_logits(model, images), atol=1e-4, rtol=0)
     benchmark(run)
     record(benchmark, samples=len(images), batch_size=len(images), **labels)
 
@@ -56,15 +56,14 @@ def eager_logits(model, images: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_torch_eager(benchmark, model, test_split, batch_size):
     images = batch_of(test_split, batch_size)
-    check_and_time(benchmark, lambda: eager_logits(model, images), images, eager_logits(model, images),
-                   path="torch eager", device="cpu")
+    check_and_time(benchmark, lambda: eager_logits(model, images), model, images, path="torch eager", device="cpu")
 
 
 @pytest.mark.benchmark(group="inference")
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_torch_compiled(benchmark, model, compiled, test_split, batch_size):
     images = batch_of(test_split, batch_size)
-    check_and_time(benchmark, lambda: eager_logits(compiled, images), images, eager_logits(model, images),
+    check_and_time(benchmark, lambda: eager_logits(compiled, images), model, images,
                    path="torch compiled", device="cpu")
 
 
@@ -72,8 +71,8 @@ def test_torch_compiled(benchmark, model, compiled, test_split, batch_size):
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_onnxruntime(benchmark, model, ort_session, test_split, batch_size):
     images = batch_of(test_split, batch_size)
-    check_and_time(benchmark, lambda: runtime.logits(ort_session, images, batch_size), images,
-                   eager_logits(model, images), path="onnxruntime", device="cpu")
+    check_and_time(benchmark, lambda: runtime.logits(ort_session, images, batch_size), model, images,
+                   path="onnxruntime", device="cpu")
 
 
 @pytest.mark.benchmark(group="inference")
@@ -89,4 +88,4 @@ def test_torch_cuda(benchmark, model, test_split, batch_size):
         with torch.inference_mode():
             return on_gpu(gpu_images).cpu().numpy()   # .cpu() waits for the GPU: the time is the whole answer
 
-    check_and_time(benchmark, run, images, eager_logits(model, images), path="torch eager", device="cuda")
+    check_and_time(benchmark, run, model, images, path="torch eager", device="cuda")
