@@ -27,6 +27,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+def print_error(error: FmnistError) -> None:
+    """The one line a user sees for a problem they can fix: `error: ...` on stderr, never wrapped."""
+    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+
+
 def friendly(command):
     """Run a command so that a problem the user can fix is one line on stderr and exit code 1, not a
     traceback. FMNIST_DEBUG=1 (or `fmnist --debug`) shows the traceback instead."""
@@ -38,7 +43,7 @@ def friendly(command):
         except FmnistError as e:
             if os.environ.get("FMNIST_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(e)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted (training keeps the checkpoint and metrics of its last completed epoch)",
@@ -214,7 +219,7 @@ def predict(
         try:
             ranked = runtime.top_classes(sess, runtime.load_image(path, invert), max(top, 1))
         except FmnistError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(e)
             failed += 1
             continue
         results.append({"image": str(path), "top": [{"class": name, "probability": p} for name, p in ranked]})
