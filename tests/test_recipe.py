@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fmnist import FmnistError, data
-from fmnist.train import TrainConfig, TrainingState, make_step, recipe, train_epoch
+from fmnist.train import (TrainConfig, TrainingState, compile_ahead, compiled_network, make_step, recipe,
+                          train_epoch)
 
 
 def test_seed_recipe_is_the_tutorials():
@@ -39,7 +40,8 @@ def losses_of_a_few_steps(images, labels, seed, compiled=False, steps=5):
     config = recipe("tuned", seed=seed, batch_size=100, epochs=1)
     torch.manual_seed(seed)
     state = TrainingState(config, torch.device("cpu"), steps_per_epoch=steps)
-    step = make_step(torch.compile(state.model) if compiled else state.model, state, config.label_smoothing)
+    forward = compiled_network(state.model, torch.device("cpu")) if compiled else state.model
+    step = make_step(forward, state, config.label_smoothing)
     losses = [step(data.augment(images[i * 100:(i + 1) * 100], config.flip, config.shift, state.order),
                    labels[i * 100:(i + 1) * 100])[0].item() for i in range(steps)]
     return losses, state.model.state_dict()
@@ -64,6 +66,21 @@ def test_compiled_step_matches_the_eager_step(first_images):
     compiled, _ = losses_of_a_few_steps(*first_images, seed=0, compiled=True)
     # Stated tolerance: inductor reorders float32 sums, and five Adam steps carry the differences along.
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_compile_ahead_compiles_every_batch_size_and_leaves_the_weights(first_images):
+    images, labels = (t[:250] for t in first_images)   # batches of 100, 100 and a last one of 50
+    config = recipe("seed")
+    torch.manual_seed(0)
+    state = TrainingState(config, torch.device("cpu"), steps_per_epoch=3)
+    before = {name: value.clone() for name, value in state.model.state_dict().items()}
+    step = make_step(compiled_network(state.model, torch.device("cpu")), state)
+    assert compile_ahead(step, images, labels, batch_size=100) > 0
+    assert all(torch.equal(before[name], value) for name, value in state.model.state_dict().items())
+    assert all(p.grad is None for p in state.model.parameters()) and not state.optimizer.state
+    with torch._dynamo.config.patch(error_on_recompile=True):   # the epoch compiles nothing more
+        total_loss, _ = train_epoch(step, images, labels, config, state.order)
+    assert torch.isfinite(total_loss) and state.optimizer.state[state.model.out.bias]["step"] == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP is CUDA autocast; this machine has no CUDA")

@@ -8,7 +8,7 @@ from fmnist.train import evaluate
 from tests import tutorial
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds",
-               "samples_per_second"}
+               "samples_per_second", "compile_seconds"}
 
 
 def test_one_epoch_writes_checkpoint_and_metrics(trained):
@@ -18,6 +18,8 @@ def test_one_epoch_writes_checkpoint_and_metrics(trained):
     assert 0.80 <= rows[0]["test_accuracy"] <= 1.0 and 0 <= rows[0]["train_accuracy"] <= 1.0
     assert rows[0]["samples_per_second"] == pytest.approx(60_000 / rows[0]["train_seconds"])
     assert "epoch 1/1" in result.stdout and f"{rows[0]['test_accuracy']:.2%}" in result.stdout
+    assert rows[0]["compile_seconds"] == 0.0 and "torch.compile" not in result.stdout   # no --compile
+    assert f"{rows[0]['train_seconds']:.1f} s (the epochs' training passes)" in result.stdout
     assert not list(out.glob(".*tmp*")), "temporary files were left behind"
 
 
