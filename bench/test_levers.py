@@ -10,15 +10,9 @@ import torch.nn.functional as F
 
 from bench.common import new_network, record
 from fmnist import data
+from tests import tutorial
 
 STEPS, BATCH = 30, 100
-
-
-def relu_then_pool(model, t):   # the tutorial's order
-    t = F.max_pool2d(F.relu(model.conv1(t)), 2, 2)
-    t = F.max_pool2d(F.relu(model.conv2(t)), 2, 2)
-    return model.out(F.relu(model.fc2(F.relu(model.fc1(t.reshape(-1, 192))))))
-
 
 LEVERS = [  # (name, ReLU after pool, channels_last, fused Adam, torch.compile)
     ("plain loop", False, False, False, False),
@@ -37,7 +31,8 @@ def test_lever(benchmark, train_split, name, pool_first, channels_last, fused, c
     model = new_network()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = model if pool_first else (lambda t: relu_then_pool(model, t))   # Network's forward pools first
+    # Network's forward pools first; the tutorial's forward (same layer names) takes the ReLU first
+    forward = model if pool_first else (lambda t: tutorial.Network.forward(model, t))
     forward = torch.compile(forward) if compiled else forward
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused or None)
 

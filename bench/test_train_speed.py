@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from bench.common import cuda_or_skip, new_network, record
 from fmnist import data
-from fmnist.train import TrainingState, make_step, recipe, train_epoch
+from fmnist.train import TrainingState, compiled_network, make_step, recipe, train_epoch
+from tests import tutorial
 
 STEPS = 30          # training steps per timed round
 ROUNDS = 5          # timed rounds, after one warm-up round
@@ -37,14 +38,15 @@ def reference_losses(images, labels, batch_size, steps=3):
 @pytest.mark.benchmark(group="train")
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_tutorial_dataloader_loop(benchmark, torchvision_root, batch_size):
-    """The tutorial's own way: torchvision dataset with ToTensor, DataLoader(shuffle=True), Adam."""
+    """The tutorial's own way: its Network class, torchvision dataset with ToTensor, DataLoader(shuffle=True), Adam."""
     import torchvision
     from torch.utils.data import DataLoader
 
     train_set = torchvision.datasets.FashionMNIST(root=str(torchvision_root), train=True, download=False,
                                                   transform=torchvision.transforms.ToTensor())
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
-    network = new_network()
+    network = tutorial.Network()                          # the tutorial's class: ReLU before each max-pool
+    network.load_state_dict(new_network().state_dict())   # the initial weights of every other path
     optimizer = torch.optim.Adam(network.parameters(), lr=0.01)
 
     def run_round():
@@ -85,7 +87,8 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
     torch.manual_seed(0)      # the same initial weights as reference_losses'
     state = TrainingState(config, torch.device(device), steps_per_epoch=STEPS)
-    step = make_step(torch.compile(state.model) if compiled else state.model, state, amp_dtype=amp_dtype)
+    forward = compiled_network(state.model, torch.device(device)) if compiled else state.model
+    step = make_step(forward, state, amp_dtype=amp_dtype)
 
     # Check: the path's losses on the first batches, in order, match plain eager torch.
     start = time.perf_counter()
