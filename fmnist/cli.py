@@ -265,7 +265,7 @@ class RichReporter:
         out.print(
             f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
             f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"
-            f"  {row['train_seconds']:.1f} s  {row['samples_per_second']:,.0f} samples/s",
+            f"  {row['train_seconds']:.3g} s  {row['samples_per_second']:,.0f} samples/s",
             highlight=False, soft_wrap=True)
 
 
@@ -279,14 +279,14 @@ def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:
     table.add_row("final test loss", f"{last['test_loss']:.4f}")
     mean_rate = sum(r["samples_per_second"] for r in history) / len(history)
     table.add_row("training speed", f"{mean_rate:,.0f} samples/s (mean over epochs)")
-    table.add_row("training time", f"{sum(r['train_seconds'] for r in history):.1f} s (the epochs' training passes)")
+    table.add_row("training time", f"{sum(r['train_seconds'] for r in history):.3g} s (the epochs' training passes)")
     compile_seconds = sum(r.get("compile_seconds", 0.0) for r in history)   # runs of fmnist 0.1.0 lack it
     if compile_seconds:
         table.add_row("torch.compile", f"{compile_seconds:.1f} s, once, not in the training time")
     reached = next((r for r in history if r["test_accuracy"] >= 0.90), None)
     if reached:
         seconds_to_90 = sum(r["train_seconds"] for r in history[:history.index(reached) + 1])
-        table.add_row("90% test accuracy", f"epoch {reached['epoch']}, after {seconds_to_90:.1f} s of training")
+        table.add_row("90% test accuracy", f"epoch {reached['epoch']}, after {seconds_to_90:.3g} s of training")
     table.add_row("wall time", f"{seconds:.1f} s (data loading and evaluation included)")
     table.add_row("checkpoint", str(out_dir / "fmnist.pt"))
     table.add_row("metrics", str(out_dir / "metrics.jsonl"))

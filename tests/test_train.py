@@ -19,7 +19,7 @@ def test_one_epoch_writes_checkpoint_and_metrics(trained):
     assert rows[0]["samples_per_second"] == pytest.approx(60_000 / rows[0]["train_seconds"])
     assert "epoch 1/1" in result.stdout and f"{rows[0]['test_accuracy']:.2%}" in result.stdout
     assert rows[0]["compile_seconds"] == 0.0 and "torch.compile" not in result.stdout   # no --compile
-    assert f"{rows[0]['train_seconds']:.1f} s (the epochs' training passes)" in result.stdout
+    assert f"{rows[0]['train_seconds']:.3g} s (the epochs' training passes)" in result.stdout
     assert not list(out.glob(".*tmp*")), "temporary files were left behind"
 
 
