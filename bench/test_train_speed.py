@@ -105,3 +105,27 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
     benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
     record(benchmark, path=path, samples=STEPS * batch_size, batch_size=batch_size, device=device,
            first_steps_seconds=first_steps_seconds)
+
+
+@pytest.mark.benchmark(group="train")
+def test_convolutions_alone(benchmark, train_split):
+    """A bound, not a loop: only the Network's two convolutions, forward and backward, at batch 100 in the
+    layout fmnist trains in. Every training step computes at least these, so no loop that uses torch's CPU
+    convolutions can be faster than this row: its ratio is the most any such loop could reach here."""
+    images, _ = data.to_tensors(train_split, "cpu")
+    images = images[:STEPS * 100]
+    model = new_network().to(memory_format=torch.channels_last)
+    pooled = torch.rand(100, 6, 12, 12).to(memory_format=torch.channels_last).requires_grad_()  # conv2's input
+    grads = [torch.ones(100, 6, 24, 24), torch.ones(100, 12, 8, 8)]
+
+    def run_round():
+        for batch in images.split(100):
+            outputs = [model.conv1(batch), model.conv2(pooled)]
+            model.zero_grad(set_to_none=True)
+            pooled.grad = None
+            torch.autograd.backward(outputs, grads)   # conv1: weight gradients; conv2: weight and input's
+        return model.conv1.weight.grad.abs().sum().item()
+
+    assert run_round() > 0 and pooled.grad is not None
+    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, path="convolutions alone (a bound)", samples=STEPS * 100, batch_size=100, device="cpu")

@@ -280,7 +280,7 @@ def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:
     mean_rate = sum(r["samples_per_second"] for r in history) / len(history)
     table.add_row("training speed", f"{mean_rate:,.0f} samples/s (mean over epochs)")
     table.add_row("training time", f"{sum(r['train_seconds'] for r in history):.3g} s (the epochs' training passes)")
-    compile_seconds = sum(r.get("compile_seconds", 0.0) for r in history)   # runs of fmnist 0.1.0 lack it
+    compile_seconds = sum(r.get("compile_seconds", 0.0) for r in history)   # older runs lack it
     if compile_seconds:
         table.add_row("torch.compile", f"{compile_seconds:.1f} s, once, not in the training time")
     reached = next((r for r in history if r["test_accuracy"] >= 0.90), None)
