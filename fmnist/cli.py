@@ -4,6 +4,7 @@ torch is imported inside the commands, never here, so `fmnist --help` answers at
 """
 
 import functools
+import logging
 import os
 import sys
 import time
@@ -105,6 +106,8 @@ def train(
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
     from fmnist import train as training
 
+    if compile:   # on a machine without CUDA, torch.compile warns that it found no CUDA toolkit: irrelevant here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     runtime = dict(device=device, compile=compile, amp=amp, data_dir=str(data_dir) if data_dir else None,
                    out=str(out_dir))
     learning = dict(batch_size=batch_size, lr=lr, schedule=schedule, flip=flip, shift=shift,

@@ -134,7 +134,9 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
     forward = compiled_network(state.model, device) if config.compile else state.model
     step = make_step(forward, state, config.label_smoothing, _amp_dtype(config.amp, device, report))
     n = len(train_x)
-    compile_seconds = compile_ahead(step, train_x, train_y, config.batch_size) if config.compile else 0.0
+    compile_seconds = 0.0
+    if config.compile and len(history) < config.epochs:
+        compile_seconds = compile_ahead(step, train_x, train_y, config.batch_size)
 
     # repeat for epochs
     for epoch in range(len(history) + 1, config.epochs + 1):
