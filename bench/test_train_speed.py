@@ -108,6 +108,36 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
 
 
 @pytest.mark.benchmark(group="train")
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager kernels", "compiled kernels"])
+def test_whole_step_as_one_cuda_graph(benchmark, train_split, compiled, batch_size):
+    """The experiment of bench/graphed.py: fmnist's loop with each step one CUDA graph replay."""
+    cuda_or_skip("cuda")
+    from bench.graphed import graphed_step
+
+    images, labels = data.to_tensors(train_split, "cuda")
+    images, labels = images[:STEPS * batch_size], labels[:STEPS * batch_size]
+    config = recipe("seed", batch_size=batch_size, device="cuda")
+    torch.manual_seed(0)
+    state = TrainingState(config, torch.device("cuda"), steps_per_epoch=STEPS)
+    start = time.perf_counter()
+    step = graphed_step(torch.compile(state.model) if compiled else state.model, state, batch_size)
+    capture_seconds = time.perf_counter() - start         # warm-up steps, compilation, capture
+
+    losses = [step(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])[0].item()
+              for i in range(3)]
+    assert losses == pytest.approx(reference_losses(images, labels, batch_size), rel=1e-4)
+
+    def run_round():
+        total_loss, _ = train_epoch(step, images, labels, config, state.order)
+        return total_loss.item()
+
+    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}", samples=STEPS * batch_size,
+           batch_size=batch_size, device="cuda", first_steps_seconds=capture_seconds)
+
+
+@pytest.mark.benchmark(group="train")
 def test_convolutions_alone(benchmark, train_split):
     """A bound, not a loop: only the Network's two convolutions, forward and backward, at batch 100 in the
     layout fmnist trains in. Every training step computes at least these, so no loop that uses torch's CPU
