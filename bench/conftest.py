@@ -83,10 +83,10 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     write = terminalreporter.write_line
     write("")
-    write(f"{'group':<10} {'path':<34} {'device':<6} {'batch':>5} {'samples/s':>12} {'x baseline':>10}")
+    write(f"{'group':<10} {'path':<44} {'device':<6} {'batch':>5} {'samples/s':>12} {'x baseline':>10}")
     for r in sorted(rows, key=lambda r: (r["group"], r["extra_info"]["batch_size"], -r["extra_info"]["samples_per_second"])):
         info = r["extra_info"]
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        write(f"{r['group']:<10} {info['path']:<34} {info['device']:<6} {info['batch_size']:>5} "
+        write(f"{r['group']:<10} {info['path']:<44} {info['device']:<6} {info['batch_size']:>5} "
               f"{info['samples_per_second']:>12,.0f} {ratio:>10}")
     write("baselines, at the same batch size: " + ", ".join(f"{path} ({group})" for group, path in BASELINES.items()))
