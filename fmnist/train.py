@@ -278,8 +278,9 @@ def make_step(forward, state: TrainingState, label_smoothing: float = 0.0, amp_d
 
 def compiled_network(model: Network, device: torch.device):
     """The Network through torch.compile. On CUDA with mode "reduce-overhead": each pass is replayed as a CUDA
-    graph, one launch instead of dozens of small kernels' launches, which at batch 100 would cost more than the
-    arithmetic. dynamic=False: code for fixed shapes, compiled once per batch size (an epoch has at most two).
+    graph, one launch instead of dozens of small kernels' launches, which at batch 100 are expected to cost a
+    GPU more than the arithmetic (not measured yet: bench/README.md). dynamic=False: code for fixed shapes,
+    compiled once per batch size (an epoch has at most two).
     """
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
