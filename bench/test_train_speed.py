@@ -89,13 +89,19 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
     state = TrainingState(config, torch.device(device), steps_per_epoch=STEPS)
     forward = compiled_network(state.model, torch.device(device)) if compiled else state.model
     step = make_step(forward, state, amp_dtype=amp_dtype)
+    check_and_time(benchmark, step, images, labels, config, state, path=path,
+                   tolerance=2e-2 if amp else 1e-4)   # autocast computes in 16 bits
 
-    # Check: the path's losses on the first batches, in order, match plain eager torch.
+
+def check_and_time(benchmark, step, images, labels, config, state, *, path: str, tolerance: float = 1e-4,
+                   **extra) -> None:
+    """Check that `step`'s losses on the first three batches, in order, match plain eager torch from the same
+    weights; then time rounds of fmnist's train_epoch over `images` with it and record them."""
+    batch_size = config.batch_size
     start = time.perf_counter()
     losses = [step(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])[0].item()
               for i in range(3)]
     first_steps_seconds = time.perf_counter() - start     # includes torch.compile's one-off compilation
-    tolerance = 2e-2 if amp else 1e-4                     # autocast computes in 16 bits
     assert losses == pytest.approx(reference_losses(images, labels, batch_size), rel=tolerance)
 
     def run_round():
@@ -103,8 +109,8 @@ def test_fmnist_loop(benchmark, train_split, path, device, compiled, amp, batch_
         return total_loss.item()   # one sync per round, as fmnist syncs once per epoch
 
     benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
-    record(benchmark, path=path, samples=STEPS * batch_size, batch_size=batch_size, device=device,
-           first_steps_seconds=first_steps_seconds)
+    record(benchmark, path=path, samples=len(images), batch_size=batch_size, device=config.device,
+           first_steps_seconds=first_steps_seconds, **extra)
 
 
 @pytest.mark.benchmark(group="train")
@@ -123,18 +129,8 @@ def test_whole_step_as_one_cuda_graph(benchmark, train_split, compiled, batch_si
     start = time.perf_counter()
     step = graphed_step(torch.compile(state.model) if compiled else state.model, state, batch_size)
     capture_seconds = time.perf_counter() - start         # warm-up steps, compilation, capture
-
-    losses = [step(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size])[0].item()
-              for i in range(3)]
-    assert losses == pytest.approx(reference_losses(images, labels, batch_size), rel=1e-4)
-
-    def run_round():
-        total_loss, _ = train_epoch(step, images, labels, config, state.order)
-        return total_loss.item()
-
-    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
-    record(benchmark, path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}", samples=STEPS * batch_size,
-           batch_size=batch_size, device="cuda", first_steps_seconds=capture_seconds)
+    check_and_time(benchmark, step, images, labels, config, state, capture_seconds=capture_seconds,
+                   path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}")
 
 
 @pytest.mark.benchmark(group="train")
