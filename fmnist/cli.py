@@ -12,13 +12,38 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fmnist import FmnistError, __version__
 
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """A mistyped command line (an unknown option, a missing value) is one `error:` line, like every other
+    error of fmnist, rather than click's usage block and boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            sys.exit(1)
+        except typer.TyperException as e:   # typer's own click: UsageError, BadParameter, NoSuchOption...
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError":   # `fmnist` alone: the help, as before
+                out.print(ctx.get_help() if ctx else "", highlight=False)
+            else:
+                where = f" (see `{ctx.command_path} --help`)" if ctx else ""
+                err.print(f"[bold red]error:[/] {escape(e.format_message() + where)}", highlight=False, soft_wrap=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="Train the classic Fashion-MNIST tutorial network, export it to ONNX, and measure how fast it runs.",
     add_completion=False,
     no_args_is_help=True,
@@ -30,7 +55,7 @@ err = Console(stderr=True)
 
 def print_error(error: FmnistError) -> None:
     """The one line a user sees for a problem they can fix: `error: ...` on stderr, never wrapped."""
-    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)   # [..] is not markup
 
 
 def friendly(command):
@@ -102,6 +127,9 @@ def train(
         = Path("export"),
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out from its last completed epoch, with its own recipe, up to --epochs.")] = False,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        help='Also write TensorBoard event files (every epoch\'s metrics, the options as hparams) into this '
+             'folder; needs pip install "fmnist[tensorboard]".')] = None,
 ):
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
     from fmnist import train as training
@@ -117,8 +145,13 @@ def train(
             learning, recipe=recipe if recipe != "tuned" else None))
     else:
         config = training.recipe(recipe, epochs=epochs, **learning, **runtime)
+    reporter = RichReporter()
+    if tensorboard:
+        from fmnist.tensorboard import TensorBoardReporter
+
+        reporter = TensorBoardReporter(tensorboard, config, reporter)
     start = time.perf_counter()
-    history = training.train(config, RichReporter(), resume=resume)
+    history = training.train(config, reporter, resume=resume)
     _summary(history, out_dir, time.perf_counter() - start)
 
 
@@ -235,6 +268,118 @@ def predict(
         raise typer.Exit(1)
 
 
+SweepValues = Annotated[Optional[str], typer.Option(metavar="LIST|RANGE")]
+
+
+@app.command()
+@friendly
+def sweep(
+    recipe: Annotated[Optional[str], typer.Option(metavar="LIST", help="Recipes whose defaults the other options "
+                                                  "override: tuned, seed [default: tuned].")] = None,
+    epochs: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 5 or 10,20 or 10..40.")] = None,
+    batch_size: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 100,1000.")] = None,
+    lr: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE",
+                                              help="e.g. 0.01,0.001 or 1e-4..1e-2 (searched on a log scale).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(metavar="LIST", help="e.g. constant,onecycle.")] = None,
+    flip: Annotated[Optional[str], typer.Option(metavar="LIST", help="on, off or on,off.")] = None,
+    shift: SweepValues = None,
+    label_smoothing: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 0..0.2.")] = None,
+    ema: SweepValues = None,
+    seeds: Annotated[Optional[str], typer.Option(metavar="LIST", help="e.g. 0,1,2: each point once per seed.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="How many trials a search over ranges runs.")] = None,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop trials whose test accuracy falls "
+                                        "below the median of the others' at the same epoch.")] = False,
+    workers: Annotated[int, typer.Option(help="Trials run at a time on this machine, each in its own "
+                                         "process with its share of the cores.")] = 1,
+    storage: Annotated[Optional[str], typer.Option(help="An Optuna database URL shared by workers on many machines "
+                                                   "(e.g. postgresql://user:pass@host/db) [default: a journal "
+                                                   "file in --out].")] = None,
+    study: Annotated[Optional[str], typer.Option(help="The study's name in the storage [default: --out's "
+                                                 "folder name].")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Only show the results so far; train nothing.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write each trial's TensorBoard event "
+                                              "files into its folder.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for every trial.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile in every trial.")] = False,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="CUDA autocast in every trial.")] = False,
+    data_dir: DataDir = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="The sweep's folder: a folder per trial, results.csv, "
+                                          "sweep.png and the journal.")] = Path("runs/sweep"),
+):
+    """Many training runs compared: every combination of the listed values (a grid), or --trials N drawn
+    from ranges lo..hi (a search). Running the same command again continues the sweep."""
+    from fmnist import sweep as sweeping
+
+    name = study or out_dir.resolve().name
+    if show:
+        _show_sweep(sweeping.open_study_to_show(storage, out_dir, name), out_dir)
+        return
+    given = dict(recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, flip=flip,
+                 shift=shift, label_smoothing=label_smoothing, ema=ema, seed=seeds)
+    values = {key: sweeping.parse_values(key, text, "--seeds" if key == "seed" else None)
+              for key, text in given.items() if text is not None}
+    plan = sweeping.make_sweep(values, trials, prune)
+    if workers < 1:
+        raise FmnistError(f"--workers {workers}: must be 1 or more")
+    from fmnist import data
+    from fmnist.files import prepare_out
+    from fmnist.train import resolve_device
+
+    resolve_device(device)
+    if tensorboard:
+        from fmnist.tensorboard import summary_writer  # noqa: F401  (one line now if the extra is missing)
+    data.locate(data_dir)
+    prepare_out(out_dir)
+    sweeping.quiet_optuna()
+    db = sweeping.open_storage(storage, out_dir)
+    the_study = sweeping.open_study(db, name, plan)
+    runtime = sweeping.Runtime(out_dir, device, compile, amp, str(data_dir) if data_dir else None, tensorboard)
+    try:
+        if workers == 1:
+            sweeping.work(the_study, plan, runtime, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
+        else:
+            sweeping.run_workers(storage, name, plan, runtime, workers)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished trials are kept, and the one that was running resumes from its last "
+                  "completed epoch when you run the same command again", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    _show_sweep(the_study, out_dir)
+
+
+def _show_sweep(the_study, out_dir: Path) -> None:
+    """The table of the trials, best first; results.csv and sweep.png beside the trials; the best run and the
+    command that trains it again."""
+    from fmnist import plots, results
+    from fmnist.files import prepare_out
+    from fmnist.sweep import Sweep
+
+    prepare_out(out_dir)
+    plan = Sweep.from_json(the_study.user_attrs["sweep"])
+    rows = results.rows(the_study)
+    from rich import box
+
+    table = Table(*plan.swept, "final acc", "best (epoch)", "epochs", "train s", "samples/s", "state",
+                  title=f"fmnist sweep {the_study.study_name}: {len(rows)} trials, best first", box=box.SIMPLE_HEAD)
+    table.add_column("folder", overflow="fold")
+    for column in table.columns[:-1]:
+        column.no_wrap = True
+    percent = lambda v: f"{v:.2%}" if v is not None else "-"   # noqa: E731
+    for r in rows:
+        best = f"{percent(r['best_test_accuracy'])} ({r['best_epoch']})" if r["best_epoch"] else "-"
+        table.add_row(*[str(r.get(n, "-")) for n in plan.swept], percent(r["final_test_accuracy"]), best,
+                      str(r["epochs_done"] or "-"), f"{r['train_seconds']:.3g}" if r["train_seconds"] else "-",
+                      f"{r['samples_per_second']:,.0f}" if r["samples_per_second"] else "-", r["state"], r["folder"])
+    (out if out.is_terminal else Console(width=160)).print(table)   # logs and pipes get whole rows
+    results.write_csv(rows, plan, out_dir / "results.csv")
+    plots.sweep(rows, plan.swept, out_dir / "sweep.png", title=f"sweep {the_study.study_name}")
+    out.print(f"wrote {out_dir / 'results.csv'} and {out_dir / 'sweep.png'}", highlight=False)
+    top = results.best(rows)
+    if top:
+        out.print(f"best: {top['folder']}, test accuracy {top['final_test_accuracy']:.2%}; train it again with:",
+                  highlight=False)
+        out.print(f"  {results.reproduce(top, plan, out_dir)}", highlight=False, soft_wrap=True)
+
+
 class RichReporter:
     """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface)."""
 
@@ -243,7 +388,7 @@ class RichReporter:
         self.progress = None
 
     def note(self, message: str) -> None:
-        err.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
         self.epoch, self.epochs = epoch, epochs

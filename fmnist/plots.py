@@ -54,3 +54,35 @@ def confusion(matrix: list[list[int]], classes, path: Path, title: str = "confus
     fig.colorbar(image, ax=ax, fraction=0.046)
     _save(fig, path)
     plt.close(fig)
+
+
+def sweep(table: list[dict], swept: list[str], path: Path, title: str = "sweep") -> None:
+    """Every trial's test accuracy per epoch on one set of axes; then, for each swept option, the final test
+    accuracy of each trial against its value (text values at evenly spaced places)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 1 + len(swept), figsize=(5 * (1 + len(swept)), 4), squeeze=False)
+    curves, *by_value = axes[0]
+    for row in table:
+        if row["curve"]:
+            curves.plot(range(1, len(row["curve"]) + 1), [100 * a for a in row["curve"]], "o-", markersize=2,
+                        label=row["folder"], alpha=0.8)
+    curves.set(title=title, xlabel="epoch", ylabel="test accuracy (%)")
+    curves.xaxis.get_major_locator().set_params(integer=True)
+    if len(table) <= 12:
+        curves.legend(fontsize=7)
+    done = [row for row in table if row["final_test_accuracy"] is not None]
+    for ax, name in zip(by_value, swept):
+        values = [row[name] for row in done]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.plot(values, [100 * row["final_test_accuracy"] for row in done], "o")
+            if name == "lr":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.plot([labels.index(str(v)) for v in values], [100 * row["final_test_accuracy"] for row in done], "o")
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(title=f"final test accuracy by {name}", xlabel=name, ylabel="test accuracy (%)")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)

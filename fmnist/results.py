@@ -1,0 +1,50 @@
+"""A sweep's results: one row per trial folder, from the study (so any machine of the sweep can show them),
+sorted by final test accuracy; written as results.csv, drawn as sweep.png."""
+
+import csv
+import io
+from pathlib import Path
+
+from fmnist.files import atomic_path
+from fmnist.sweep import SWEEPABLE, Sweep, train_command
+
+COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done", "train_seconds",
+           "samples_per_second")
+
+
+def rows(study) -> list[dict]:
+    """The latest trial of each folder (a resumed trial replaces the one it continues), best first; trials
+    without a result (waiting, running, failed before an epoch) last."""
+    latest = {}
+    for trial in study.get_trials(deepcopy=False):
+        folder = trial.user_attrs.get("folder")
+        if folder is not None:
+            latest[folder] = trial
+    table = []
+    for folder, trial in latest.items():
+        params = trial.params or trial.system_attrs.get("fixed_params", {})
+        result = trial.user_attrs.get("result", {})
+        table.append({"folder": folder, "state": trial.state.name.lower(), "trial": trial.number, **params,
+                      **{column: result.get(column) for column in COLUMNS}, "curve": result.get("curve", []),
+                      "error": trial.user_attrs.get("error")})
+    return sorted(table, key=lambda r: (r["final_test_accuracy"] is None, -(r["final_test_accuracy"] or 0), r["folder"]))
+
+
+def write_csv(table: list[dict], sweep: Sweep, path: Path) -> None:
+    header = ["folder", "state", *sweep.swept, *COLUMNS]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text.getvalue())
+
+
+def best(table: list[dict]) -> dict | None:
+    done = [r for r in table if r["state"] == "complete"]
+    return done[0] if done else None
+
+
+def reproduce(row: dict, sweep: Sweep, out: Path) -> str:
+    params = {name: row[name] for name in SWEEPABLE if name in sweep.swept}
+    return train_command(params, sweep.fixed, str(out / f"{row['folder']}-again"))

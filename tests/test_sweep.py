@@ -1,0 +1,243 @@
+"""`fmnist sweep`: real training runs, a real journal file, real worker processes and a real PostgreSQL server."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from fmnist import sweep as sweeping
+from tests import tutorial
+from tests.conftest import run_cli
+from tests.test_robust import one_line_error
+
+GRID = ["--lr", "0.01,0.001", "--batch-size", "1000,2000", "--epochs", "1", "--device", "cpu"]
+FOLDERS = {"batch-size-1000_lr-0.01", "batch-size-1000_lr-0.001", "batch-size-2000_lr-0.01", "batch-size-2000_lr-0.001"}
+
+
+def metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def trials(out, study=None, storage=None):
+    """The sweep's trials as its storage holds them."""
+    import optuna
+
+    sweeping.quiet_optuna()
+    return optuna.load_study(storage=sweeping.open_storage(storage, out), study_name=study or out.name).trials
+
+
+def started(output: str) -> Counter:
+    """How many times each trial folder was started or resumed, from the workers' lines."""
+    return Counter(line.split(":")[0] for line in output.splitlines()
+                   if ": started (trial" in line or ": resumed (trial" in line)
+
+
+def complete_once(all_trials) -> bool:
+    done = Counter(t.user_attrs["folder"] for t in all_trials if t.state.name == "COMPLETE")
+    return set(done) == FOLDERS and set(done.values()) == {1}
+
+
+def test_a_grid_runs_every_combination_once_and_a_rerun_trains_nothing(tmp_path, real_data):
+    out = tmp_path / "lr-bs"
+    result = run_cli("sweep", *GRID, "--tensorboard", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir() if p.is_dir()} == FOLDERS
+    assert started(result.stdout) == Counter({folder: 1 for folder in FOLDERS})
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {row["folder"] for row in table} == FOLDERS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in table:
+        folder = out / row["folder"]
+        rows = metrics(folder)
+        assert len(rows) == 1 and float(row["final_test_accuracy"]) == rows[-1]["test_accuracy"]
+        assert float(row["train_seconds"]) == rows[-1]["train_seconds"]
+        assert f"{rows[-1]['test_accuracy']:.2%}" in result.stdout
+        checkpoint = torch.load(folder / "fmnist.pt", weights_only=True)   # an ordinary run, in every way
+        assert checkpoint["config"]["lr"] == float(row["lr"]) and checkpoint["config"]["batch_size"] == int(row["batch_size"])
+        tutorial.Network().load_state_dict(checkpoint["model"])
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert [e.value for e in events.Scalars("test/accuracy")] == pytest.approx([rows[-1]["test_accuracy"]])
+    accuracies = [float(row["final_test_accuracy"]) for row in table]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert f"best: {table[0]['folder']}" in result.stdout
+    assert f"--batch-size {table[0]['batch_size']} --lr {table[0]['lr']}" in result.stdout
+    with Image.open(out / "sweep.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 800
+
+    before = {folder: (out / folder / "metrics.jsonl").read_bytes() for folder in FOLDERS}
+    again = run_cli("sweep", *GRID, "--out", out)
+    assert again.exit_code == 0, again.output
+    assert not started(again.stdout) and len(trials(out)) == 4
+    assert before == {folder: (out / folder / "metrics.jsonl").read_bytes() for folder in FOLDERS}
+    shown = run_cli("sweep", "--show", "--out", out)
+    assert shown.exit_code == 0 and all(folder in shown.stdout for folder in FOLDERS)
+
+
+def test_an_interrupted_sweep_resumes_the_trial_it_stopped_in(tmp_path, real_data, monkeypatch):
+    out = tmp_path / "cut"
+    options = ["--lr", "0.01,0.001", "--batch-size", "2000", "--epochs", "2", "--device", "cpu", "--out", out]
+    real_epoch_start = sweeping.TrialReporter.epoch_start
+
+    def ctrl_c_in_the_second_trial(self, epoch, epochs, samples):
+        if self.name == "lr-0.001" and epoch == 2:
+            raise KeyboardInterrupt
+        real_epoch_start(self, epoch, epochs, samples)
+
+    monkeypatch.setattr(sweeping.TrialReporter, "epoch_start", ctrl_c_in_the_second_trial)
+    result = run_cli("sweep", *options)
+    assert result.exit_code == 130 and "resumes from its last completed epoch" in result.stderr
+    first_epoch = metrics(out / "lr-0.001")
+    assert len(first_epoch) == 1 and len(metrics(out / "lr-0.01")) == 2
+
+    monkeypatch.setattr(sweeping.TrialReporter, "epoch_start", real_epoch_start)
+    result = run_cli("sweep", *options)
+    assert result.exit_code == 0, result.output
+    assert started(result.stdout) == Counter({"lr-0.001": 1}) and "lr-0.001: resumed" in result.stdout
+    assert "lr-0.001: epoch 1/2" not in result.stdout      # resumed, not trained again from the start
+    resumed = metrics(out / "lr-0.001")
+    assert [r["epoch"] for r in resumed] == [1, 2] and resumed[0] == first_epoch[0]
+    done = Counter(t.user_attrs["folder"] for t in trials(out) if t.state.name == "COMPLETE")
+    assert done == Counter({"lr-0.01": 1, "lr-0.001": 1})
+
+
+def sweep_processes(out, *extra, workers=("1", "2")):
+    """Several `fmnist sweep` commands on one grid at once, as on several machines (one with --workers 2)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "fmnist.cli", "sweep", *GRID, "--out", str(out),
+                                   "--workers", n, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for n in workers]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (stdout, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stdout + stderr
+    return "".join(stdout for stdout, _ in outputs)
+
+
+def test_concurrent_workers_on_the_journal_run_each_point_exactly_once(tmp_path, real_data):
+    out = tmp_path / "shared"
+    output = sweep_processes(out)
+    assert started(output) == Counter({folder: 1 for folder in FOLDERS}), output
+    assert complete_once(trials(out)) and len(trials(out)) == 4
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (.ci/run starts one): FMNIST_TEST_POSTGRES, else fmnist's CI database."""
+    url = os.environ.get("FMNIST_TEST_POSTGRES", "postgresql://fmnist:fmnist@127.0.0.1:5432/fmnist")
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(sweeping._with_driver(url)).connect():
+            pass
+    except Exception as e:
+        reason = f"needs a PostgreSQL server at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have PostgreSQL running (.ci/run starts it): {reason}")
+        pytest.skip(reason)
+    return url
+
+
+def test_concurrent_workers_on_postgresql_run_each_point_exactly_once(tmp_path, real_data, postgres_url):
+    out, study = tmp_path / "pg", f"test-{uuid.uuid4().hex[:8]}"
+    output = sweep_processes(out, "--storage", postgres_url, "--study", study)
+    assert started(output) == Counter({folder: 1 for folder in FOLDERS}), output
+    stored = trials(out, study, postgres_url)
+    assert complete_once(stored) and len(stored) == 4
+    assert not (out / sweeping.JOURNAL).exists()   # the database held the sweep, not a file
+    shown = run_cli("sweep", "--show", "--storage", postgres_url, "--study", study, "--out", tmp_path / "elsewhere")
+    assert shown.exit_code == 0 and all(folder in shown.stdout for folder in FOLDERS)
+
+
+def test_a_search_samples_ranges_for_the_number_of_trials(tmp_path, real_data):
+    out = tmp_path / "search"
+    options = ["--lr", "1e-3..1e-2", "--label-smoothing", "0..0.2", "--trials", "3", "--epochs", "1",
+               "--batch-size", "2000", "--device", "cpu", "--out", out]
+    result = run_cli("sweep", *options)
+    assert result.exit_code == 0, result.output
+    searched = trials(out)
+    assert [t.state.name for t in searched] == ["COMPLETE"] * 3
+    for t in searched:
+        assert 1e-3 <= t.params["lr"] <= 1e-2 and 0 <= t.params["label_smoothing"] <= 0.2
+        config = torch.load(out / t.user_attrs["folder"] / "fmnist.pt", weights_only=True)["config"]
+        assert config["lr"] == t.params["lr"] and config["label_smoothing"] == t.params["label_smoothing"]
+    assert len({t.params["lr"] for t in searched}) == 3
+    again = run_cli("sweep", *options)
+    assert again.exit_code == 0 and not started(again.stdout) and len(trials(out)) == 3
+
+
+def test_prune_stops_a_trial_that_falls_behind(tmp_path, real_data):
+    out = tmp_path / "prune"
+    result = run_cli("sweep", "--lr", "0.01,0.005,0.003,0.00001", "--epochs", "3", "--batch-size", "2000",
+                     "--prune", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    states = {t.user_attrs["folder"]: t.state.name for t in trials(out)}
+    assert states == {"lr-0.01": "COMPLETE", "lr-0.005": "COMPLETE", "lr-0.003": "COMPLETE", "lr-1e-05": "PRUNED"}
+    assert len(metrics(out / "lr-1e-05")) == 2 and "lr-1e-05: pruned after epoch 2" in result.stdout
+    with open(out / "results.csv") as f:
+        assert [row["state"] for row in csv.DictReader(f)][-1] == "pruned"
+
+
+def test_another_sweep_in_the_same_folder_is_refused(tmp_path, real_data):
+    out = tmp_path / "one"
+    assert run_cli("sweep", "--lr", "0.01", "--epochs", "1", "--batch-size", "2000", "--out", out).exit_code == 0
+    one_line_error(run_cli("sweep", "--lr", "0.02", "--epochs", "1", "--batch-size", "2000", "--out", out),
+                   "holds another sweep", "give another --out")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", ","], "--lr: give one or more values"),
+    (["--lr", ""], "--lr: give one or more values"),
+    (["--lr", "0.1,,0.2"], "--lr 0.1,,0.2: an empty value in the list"),
+    (["--lr", "0.1..0.01", "--trials", "2"], "--lr 0.1..0.01: a range needs lo < hi"),
+    (["--lr", "abc"], "--lr: 'abc' is not one of the values it takes (numbers)"),
+    (["--schedule", "constant..cosine"], "--schedule constant..cosine: a range lo..hi is for numbers"),
+    (["--flip", "maybe"], "--flip: 'maybe' is not one of the values it takes (on or off)"),
+    (["--batch-size", "0,100"], "--batch-size 0: must be 1 or more"),
+    (["--lr", "0..0.1", "--trials", "2"], "--lr 0.0: must be greater than 0"),
+    (["--recipe", "tuned,best"], "--recipe best: choose one of tuned, seed"),
+    (["--seeds", "1,1"], "--seeds 1,1: a value is repeated"),
+    (["--lr", "1e-4..1e-2"], "a range lo..hi is searched: say how many trials with --trials N"),
+    (["--lr", "0.1,0.2", "--trials", "3"], "--trials is for a search over ranges"),
+    (["--lr", "0.1", "--workers", "0"], "--workers 0: must be 1 or more"),
+    (["--lr", "0.1", "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot use this database"),
+    (["--show"], "no sweep in"),
+])
+def test_bad_sweep_input_is_one_line(args, message, tmp_path):
+    result = run_cli("sweep", "--out", tmp_path / "bad", *args)
+    one_line_error(result, message)
+    assert not list((tmp_path).glob("bad/*/fmnist.pt"))
+
+
+def test_an_unknown_option_is_one_line(tmp_path):
+    result = run_cli("sweep", "--learning-rate", "0.1", "--out", tmp_path)
+    one_line_error(result, "No such option: --learning-rate", "sweep --help`")
+    assert result.exit_code == 2
+
+
+def test_train_writes_tensorboard_events_of_every_epoch(tmp_path, real_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_cli("train", "--recipe", "seed", "--epochs", "2", "--batch-size", "2000", "--device", "cpu",
+                     "--out", tmp_path, "--tensorboard", tmp_path / "tb")
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    rows = metrics(tmp_path)
+    for tag, key in (("test/accuracy", "test_accuracy"), ("train/loss", "train_loss")):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(r["epoch"], pytest.approx(r[key])) for r in rows]
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+
+
+def test_tensorboard_without_the_extra_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    one_line_error(run_cli("train", "--out", tmp_path, "--tensorboard", tmp_path / "tb"), 'pip install "fmnist[tensorboard]"')
