@@ -1,5 +1,7 @@
 """Helpers shared by the benchmark modules."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -21,3 +23,17 @@ def record(benchmark, *, path: str, samples: int, batch_size: int, device: str, 
     benchmark.extra_info.update(path=path, batch_size=batch_size, device=device, samples_per_round=samples, **extra)
     if benchmark.stats:   # None under --benchmark-disable, where nothing is timed
         benchmark.extra_info["samples_per_second"] = samples / benchmark.stats.stats.median
+
+
+@contextmanager
+def strict_dynamo():
+    """Compile from nothing, and never fall back to eager unseen. The compiled rows all compile
+    Network.forward, one code object, and Dynamo's cache on it fills up across rows: past its recompile limit
+    a later row would run eager, silently, and be timed as compiled. So: reset, and a hit limit is an error."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    flag = "fail_on_recompile_limit_hit" if hasattr(config, "fail_on_recompile_limit_hit") else "fail_on_cache_limit_hit"
+    with config.patch(**{flag: True}):
+        yield

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fmnist
+from bench.common import strict_dynamo
 from fmnist import data
 
 BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
@@ -37,6 +38,13 @@ def torchvision_root(real_data, tmp_path_factory):
     for name, path in real_data.items():
         (raw / name).write_bytes(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each benchmark compiles from nothing, and cannot fall back to eager unseen (bench.common.strict_dynamo)."""
+    with strict_dynamo():
+        yield
 
 
 # ---- reporting -----------------------------------------------------------------------------------

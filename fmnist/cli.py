@@ -20,6 +20,11 @@ from rich.table import Table
 
 from fmnist import FmnistError, __version__
 
+try:
+    from typer import TyperException as UsageProblem   # typer >= 0.20 carries its own click
+except ImportError:                                     # older typer: click's
+    from click import ClickException as UsageProblem
+
 class OneLineUsageErrors(typer.core.TyperGroup):
     """A mistyped command line (an unknown option, a missing value) is one `error:` line, like every other
     error of fmnist, rather than click's usage block and boxed message."""
@@ -31,7 +36,7 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.Abort:
             sys.exit(1)
-        except typer.TyperException as e:   # typer's own click: UsageError, BadParameter, NoSuchOption...
+        except UsageProblem as e:   # UsageError, BadParameter, NoSuchOption...
             ctx = getattr(e, "ctx", None)
             if type(e).__name__ == "NoArgsIsHelpError":   # `fmnist` alone: the help, as before
                 out.print(ctx.get_help() if ctx else "", highlight=False)

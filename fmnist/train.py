@@ -124,7 +124,9 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
     train_x, train_y = data.to_tensors(data.load("train", config.data_dir), device)
     test_x, test_y = data.to_tensors(data.load("test", config.data_dir), device)
 
-    state = TrainingState(config, device, steps_per_epoch=math.ceil(len(train_x) / config.batch_size))
+    amp_dtype = autocast_dtype(config.amp, device, report)
+    state = TrainingState(config, device, steps_per_epoch=math.ceil(len(train_x) / config.batch_size),
+                          amp_dtype=amp_dtype)
     history = []
     if saved is not None:
         state.load_state_dict(saved["training"])
@@ -132,7 +134,7 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
         if len(history) >= config.epochs:
             report.note(f"nothing to resume: the run in {out} has done {len(history)} of {config.epochs} epochs")
     forward = compiled_network(state.model, device) if config.compile else state.model
-    step = make_step(forward, state, config.label_smoothing, _amp_dtype(config.amp, device, report))
+    step = make_step(forward, state, config.label_smoothing, amp_dtype)
     n = len(train_x)
     compile_seconds = 0.0
     if config.compile and len(history) < config.epochs:
@@ -172,10 +174,11 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
 
 class TrainingState:
     """Everything a training run changes as it goes: weights, Adam's moments, the step size schedule, the
-    moving average of the weights and the random generator of batches and augmentation. Saved whole after
-    every epoch, so that a resumed run ends exactly where an uninterrupted one would."""
+    moving average of the weights, the random generator of batches and augmentation, and fp16's loss scale.
+    Saved whole after every epoch, so that a resumed run ends exactly where an uninterrupted one would."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, steps_per_epoch: int):
+    def __init__(self, config: TrainConfig, device: torch.device, steps_per_epoch: int,
+                 amp_dtype: torch.dtype | None = None):
         # channels_last: mkldnn's convolutions run faster in it on the CPU; the arithmetic is unchanged.
         # fused: one kernel for all the parameters' Adam updates. What each is worth, measured:
         # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md).
@@ -192,6 +195,8 @@ class TrainingState:
             multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema)
             self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=multi_avg_fn)
         self.order = torch.Generator(device=device).manual_seed(config.seed)
+        # fp16 autocast only: a loss scale against underflowing gradients, which grows as steps go well
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def network(self) -> Network:
         """The Network to evaluate and to save: the moving average of the weights when there is one."""
@@ -205,6 +210,7 @@ class TrainingState:
             "ema": self.ema.state_dict() if self.ema else None,
             "order": self.order.get_state(),
             "device": self.order.device.type,   # a generator's state fits only its own kind of device
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -217,6 +223,8 @@ class TrainingState:
         if self.ema:
             self.ema.load_state_dict(state["ema"])
         self.order.set_state(state["order"])
+        if self.scaler.is_enabled() and state.get("scaler"):   # older checkpoints and non-fp16 runs have none
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,
@@ -248,7 +256,7 @@ def make_step(forward, state: TrainingState, label_smoothing: float = 0.0, amp_d
     bfloat16 or float16 runs the forward pass under CUDA autocast, float16 with a GradScaler against underflow.
     step(images, labels, update=False) stops after the gradients and clears them: the weights stay as they were.
     """
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = state.scaler
 
     def step(images: torch.Tensor, labels: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         # pass batch
@@ -297,14 +305,16 @@ def compile_ahead(step, images: torch.Tensor, labels: torch.Tensor, batch_size: 
     return time.perf_counter() - start
 
 
-def _amp_dtype(amp: bool, device: torch.device, report: Reporter) -> torch.dtype | None:
-    """The autocast dtype, or None for float32 throughout."""
+def autocast_dtype(amp: bool, device: torch.device, report: Reporter = Reporter()) -> torch.dtype | None:
+    """The autocast dtype, or None for float32 throughout. bf16 only where the GPU computes it (Ampere and
+    later): is_bf16_supported() alone also says yes where bf16 is merely emulated, slowly, and then the fp16
+    path with its loss scaling, the one made for those cards, would never run."""
     if not amp:
         return None
     if device.type != "cuda":
         report.note("--amp is CUDA autocast: this run is on the CPU, so it trains in float32 as without --amp")
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -329,15 +339,28 @@ def save_checkpoint(path: Path, state: TrainingState, config: TrainConfig, histo
     beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
     needs."""
     checkpoint = {
-        "model": {k: v.contiguous() for k, v in state.network().state_dict().items()},
+        "model": on_cpu({k: v.contiguous() for k, v in state.network().state_dict().items()}),
         "epoch": history[-1]["epoch"],
         "config": asdict(config),
         "metrics": history,
         "versions": {"fmnist": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
-        "training": state.state_dict(),
+        "training": on_cpu(state.state_dict()),
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
+
+
+def on_cpu(value):
+    """`value` with every tensor in it moved to the CPU: a GPU run's checkpoint then loads on any machine,
+    torch.load(path, weights_only=True) as it is. Resuming puts each tensor back on the training device
+    (load_state_dict copies weights into the device's tensors; Adam moves its state to its parameters')."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
 
 
 def load_checkpoint(path: str | Path) -> dict:

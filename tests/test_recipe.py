@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fmnist import FmnistError, data
-from fmnist.train import (TrainConfig, TrainingState, compile_ahead, compiled_network, make_step, recipe,
-                          train_epoch)
+from fmnist.train import (TrainConfig, TrainingState, autocast_dtype, compile_ahead, compiled_network, make_step,
+                          recipe, train_epoch)
 
 
 def test_seed_recipe_is_the_tutorials():
@@ -88,9 +88,9 @@ def test_amp_step_on_cuda_follows_float32(first_images):
     images, labels = (t.cuda() for t in first_images)
     config = recipe("seed", device="cuda", amp=True)
     results = []
-    for amp_dtype in (None, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+    for amp_dtype in (None, autocast_dtype(True, torch.device("cuda"))):
         torch.manual_seed(0)
-        state = TrainingState(config, torch.device("cuda"), steps_per_epoch=5)
+        state = TrainingState(config, torch.device("cuda"), steps_per_epoch=5, amp_dtype=amp_dtype)
         step = make_step(state.model, state, amp_dtype=amp_dtype)
         results.append([step(images[i * 100:(i + 1) * 100], labels[i * 100:(i + 1) * 100])[0].item()
                         for i in range(5)])
