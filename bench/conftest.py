@@ -14,6 +14,7 @@ import torch
 
 import fmnist
 from bench.common import strict_dynamo
+from bench.report import row_order
 from fmnist import data
 
 BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
@@ -92,7 +93,7 @@ def pytest_terminal_summary(terminalreporter, config):
     write = terminalreporter.write_line
     write("")
     write(f"{'group':<10} {'path':<44} {'device':<6} {'batch':>5} {'samples/s':>12} {'x baseline':>10}")
-    for r in sorted(rows, key=lambda r: (r["group"], r["extra_info"]["batch_size"], -r["extra_info"]["samples_per_second"])):
+    for r in sorted(rows, key=row_order):
         info = r["extra_info"]
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         write(f"{r['group']:<10} {info['path']:<44} {info['device']:<6} {info['batch_size']:>5} "

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fmnist import FmnistError, __version__
+from fmnist.config import SCHEDULES, TrainConfig
 
 try:
     from typer import TyperException as UsageProblem   # typer >= 0.20 carries its own click
@@ -77,8 +78,7 @@ def friendly(command):
             print_error(e)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("interrupted (training keeps the checkpoint and metrics of its last completed epoch)",
-                      highlight=False)
+            err.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
 
     return run
@@ -101,6 +101,7 @@ def main(
         os.environ["FMNIST_DEBUG"] = "1"   # read by `friendly`
 
 
+TUNED = TrainConfig()   # the default recipe, whose values --help shows
 DataDir = Annotated[Optional[Path], typer.Option(
     help="Folder with the four Fashion-MNIST IDX files (.gz or plain); then only that folder is used. "
          "Default: $FMNIST_DATA, ./data, /usr/share/datasets/fashion-mnist, else torchvision's download.")]
@@ -110,20 +111,28 @@ DataDir = Annotated[Optional[Path], typer.Option(
 @friendly
 def train(
     recipe: Annotated[str, typer.Option(
-        help="tuned: reaches 91% test accuracy (see README); seed: the tutorial's recipe exactly. "
-             "The options below default to the recipe's values.")] = "tuned",
-    epochs: Annotated[Optional[int], typer.Option(help="Full passes over the 60,000 training images.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; with a schedule, its peak.")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="constant, onecycle or cosine.")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = None,
-    shift: Annotated[Optional[int], typer.Option(help="Random shifts of up to this many pixels (0: off).")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the loss (0: off).")] = None,
+        metavar="[tuned|seed]", help="tuned: reaches 91% test accuracy (see README); seed: the tutorial's recipe "
+        "exactly. The options below default to the recipe's values (shown: tuned's).")] = "tuned",
+    epochs: Annotated[Optional[int], typer.Option(help="Full passes over the 60,000 training images.",
+                                                  show_default=str(TUNED.epochs))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.", show_default=str(TUNED.batch_size))] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; with a schedule, its peak.",
+                                                show_default=str(TUNED.lr))] = None,
+    schedule: Annotated[Optional[str], typer.Option(metavar=f"[{'|'.join(SCHEDULES)}]", show_default=TUNED.schedule,
+                                                    help="How the step size moves, batch by batch.")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips.",
+                                                 show_default="--flip" if TUNED.flip else "--no-flip")] = None,
+    shift: Annotated[Optional[int], typer.Option(help="Random shifts of up to this many pixels (0: off).",
+                                                 show_default=str(TUNED.shift))] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the loss (0: off).",
+                                                             show_default=str(TUNED.label_smoothing))] = None,
     ema: Annotated[Optional[float], typer.Option(
-        help="Decay of a moving average of the weights, which is then evaluated and saved (0: off).")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        help="Seed for the initial weights, batch order and augmentation [default: 0].")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda; auto takes CUDA when present.")] = "auto",
+        help="Decay of a moving average of the weights, which is then evaluated and saved (0: off).",
+        show_default=str(TUNED.ema))] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the initial weights, batch order and augmentation.",
+                                                show_default=str(TUNED.seed))] = None,
+    device: Annotated[str, typer.Option(metavar="[auto|cpu|cuda]",
+                                        help="auto takes CUDA when present.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the Network.")] = False,
     amp: Annotated[bool, typer.Option("--amp/--no-amp",
                                       help="CUDA autocast (bf16, or fp16 with loss scaling); no effect on CPU.")] = False,
@@ -132,12 +141,16 @@ def train(
         = Path("export"),
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out from its last completed epoch, with its own recipe, up to --epochs.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the run already in --out (otherwise refused, so that no finished run is lost).")] = False,
     tensorboard: Annotated[Optional[Path], typer.Option(
         help='Also write TensorBoard event files (every epoch\'s metrics, the options as hparams) into this '
              'folder; needs pip install "fmnist[tensorboard]".')] = None,
 ):
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
     from fmnist import train as training
+    from fmnist.checkpoint import resumed_config
+    from fmnist.config import recipe as recipe_config
 
     if compile:   # on a machine without CUDA, torch.compile warns that it found no CUDA toolkit: irrelevant here
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -146,18 +159,36 @@ def train(
     learning = dict(batch_size=batch_size, lr=lr, schedule=schedule, flip=flip, shift=shift,
                     label_smoothing=label_smoothing, ema=ema, seed=seed)
     if resume:
-        config = training.resumed_config(epochs, **runtime, changed=dict(
+        config = resumed_config(epochs, **runtime, changed=dict(
             learning, recipe=recipe if recipe != "tuned" else None))
     else:
-        config = training.recipe(recipe, epochs=epochs, **learning, **runtime)
-    reporter = RichReporter()
+        config = recipe_config(recipe, epochs=epochs, **learning, **runtime)
+    bars = reporter = RichReporter()
     if tensorboard:
         from fmnist.tensorboard import TensorBoardReporter
 
-        reporter = TensorBoardReporter(tensorboard, config, reporter)
+        reporter = TensorBoardReporter(tensorboard, config, bars)
     start = time.perf_counter()
-    history = training.train(config, reporter, resume=resume)
+    try:
+        history = training.train(config, reporter, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        bars.stop()
+        err.print(f"interrupted; {_kept(out_dir)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        bars.stop()   # every way out gives the terminal its cursor back
     _summary(history, out_dir, time.perf_counter() - start)
+
+
+def _kept(out_dir: Path) -> str:
+    """What an interrupted run left: the epoch its checkpoint holds, if any."""
+    from fmnist.checkpoint import load_checkpoint
+
+    path = out_dir / "fmnist.pt"
+    if not path.is_file():
+        return "no epoch had ended, so nothing was saved"
+    epoch = load_checkpoint(path).get("epoch")
+    return f"{path} holds epoch {epoch}: continue with `fmnist train --resume --out {out_dir}`"
 
 
 @app.command("export")
@@ -188,25 +219,26 @@ def evaluate(
         help="Evaluate this checkpoint with torch (the default: export/fmnist.pt).")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Evaluate this ONNX model with onnxruntime.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix into this PNG file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix into this file (.png, .svg or .pdf).")] = None,
     data_dir: DataDir = None,
 ):
     """Accuracy on the 10,000 test images: overall, per class, and the confusion matrix."""
     if checkpoint and onnx:
         raise FmnistError("give --checkpoint or --onnx, not both")
     from fmnist import data, runtime
-    from fmnist.files import prepare_out
+    from fmnist.files import PICTURES, file_target
     from fmnist.model import CLASSES
 
     if plot:
-        prepare_out(plot.parent)
+        file_target(plot, "--plot", PICTURES)
 
     if onnx:
         sess, model = runtime.session(onnx), str(onnx)
         classify = lambda images: runtime.logits(sess, images).argmax(axis=1)   # noqa: E731
     else:
         import torch
-        from fmnist.train import infer, load_network
+        from fmnist.checkpoint import load_network
+        from fmnist.train import infer
 
         checkpoint = checkpoint or Path("export/fmnist.pt")
         network, model = load_network(checkpoint), str(checkpoint)
@@ -254,11 +286,13 @@ def predict(
     code is then 1."""
     from fmnist import runtime
 
+    if top < 1:
+        raise FmnistError(f"--top {top}: must be 1 or more")
     sess = runtime.session(onnx)
     results, failed = [], 0
     for path in images:
         try:
-            ranked = runtime.top_classes(sess, runtime.load_image(path, invert), max(top, 1))
+            ranked = runtime.top_classes(sess, runtime.load_image(path, invert), top)
         except FmnistError as e:
             print_error(e)
             failed += 1
@@ -334,7 +368,7 @@ def sweep(
     if tensorboard:
         from fmnist.tensorboard import summary_writer  # noqa: F401  (one line now if the extra is missing)
     data.locate(data_dir)
-    prepare_out(out_dir)
+    prepare_out(out_dir).mkdir(parents=True, exist_ok=True)   # the journal and the trials' folders go here
     sweeping.quiet_optuna()
     db = sweeping.open_storage(storage, out_dir)
     the_study = sweeping.open_study(db, name, plan)
@@ -413,8 +447,13 @@ class RichReporter:
         rate = samples_done / (now - self.start)
         self.progress.update(self.task, completed=samples_done, loss=f"{loss.item():.4f}", rate=f"{rate:,.0f}")
 
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
     def epoch_end(self, row: dict) -> None:
-        self.progress.stop()
+        self.stop()
         out.print(
             f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
             f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"

@@ -10,8 +10,9 @@ import torch
 
 from fmnist import FmnistError, __version__, data, runtime
 from fmnist.model import CLASSES
-from fmnist.files import atomic_path, prepare_out
-from fmnist.train import infer, load_network
+from fmnist.files import atomic_path, file_target
+from fmnist.checkpoint import load_network
+from fmnist.train import infer
 
 # Batch sizes the exported model is checked at, each over all 10,000 test images: one image at a time,
 # an odd size that leaves a partial last batch (10,000 = 10 x 999 + 10), and the whole set at once.
@@ -47,8 +48,7 @@ def to_onnx(model: torch.nn.Module) -> onnx.ModelProto:
 
 def export_onnx(checkpoint: str | Path, output: str | Path, data_dir=None) -> Verification:
     """Export a checkpoint's Network to `output`: written to a temporary name, kept only once verified."""
-    output = Path(output)
-    prepare_out(output.parent)
+    output = file_target(output, "--output")
     model = load_network(checkpoint)
     test = data.load("test", data_dir)
     proto = to_onnx(model)

@@ -16,9 +16,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a PNG."""
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    """Written to a temporary name, then renamed: a reader never sees half a picture. PNG, or SVG or PDF
+    when the name says so."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=120, bbox_inches="tight")
 
 
 def curves(history: list[dict], path: Path) -> None:

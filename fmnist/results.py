@@ -6,7 +6,8 @@ import io
 from pathlib import Path
 
 from fmnist.files import atomic_path
-from fmnist.sweep import SWEEPABLE, Sweep, train_command
+from fmnist.config import train_command
+from fmnist.sweep import SWEEPABLE, Sweep, trial_config
 
 COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done", "train_seconds",
            "samples_per_second")
@@ -47,4 +48,5 @@ def best(table: list[dict]) -> dict | None:
 
 def reproduce(row: dict, sweep: Sweep, out: Path) -> str:
     params = {name: row[name] for name in SWEEPABLE if name in sweep.swept}
-    return train_command(params, sweep.fixed, str(out / f"{row['folder']}-again"))
+    again = str(out / f"{row['folder']}-again")
+    return train_command(trial_config(params, sweep.fixed, again), again)

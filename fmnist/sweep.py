@@ -118,7 +118,7 @@ class Sweep:
 def make_sweep(values: dict, trials: int | None, prune: bool) -> Sweep:
     """The sweep of the options' values, each checked up front: every grid point and both ends of every
     range must make a config that `fmnist train` accepts."""
-    from fmnist.train import check, recipe
+    from fmnist.config import check, recipe
 
     values = {name: v for name, v in values.items() if v is not None}
     sweep = Sweep(values, trials, prune)
@@ -146,21 +146,10 @@ def folder_name(params: dict) -> str:
 
 def trial_config(params: dict, fixed: dict, out: str, **runtime):
     """The TrainConfig of one trial: its recipe, with the swept and fixed values put over it."""
-    from fmnist.train import recipe
+    from fmnist.config import recipe
 
     options = {**fixed, **params}
     return recipe(options.pop("recipe", "tuned"), **options, out=out, **runtime)
-
-
-def train_command(params: dict, fixed: dict, out: str) -> str:
-    """The `fmnist train` command that trains this trial again (the same seed gives the same run on a CPU)."""
-    options = {**fixed, **params}
-    words = ["fmnist train"]
-    for name in SWEEPABLE:
-        if name in options:
-            value = options[name]
-            words.append((flag(name) if value else f"--no-{name}") if isinstance(value, bool) else f"{flag(name)} {value}")
-    return " ".join(words + [f"--out {out}"])
 
 
 # ---- the study -----------------------------------------------------------------------------------
@@ -388,7 +377,8 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
     """One trial: an ordinary training run in its folder, resumed there if a checkpoint exists. Its test
     accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
     import optuna
-    from fmnist.train import load_checkpoint, train
+    from fmnist.checkpoint import load_checkpoint
+    from fmnist.train import train
     from optuna.trial import TrialState
 
     params = suggest(trial, sweep)
@@ -430,10 +420,9 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
 
 
 def _check_same_run(saved: dict, config, out: Path) -> None:
-    from fmnist.train import TrainConfig
+    from fmnist.config import LEARNED
 
-    learned = [name for name in SWEEPABLE if name not in ("recipe",) and name in TrainConfig.__dataclass_fields__]
-    differ = [name for name in learned if saved.get(name) != getattr(config, name)]
+    differ = [name for name in LEARNED if saved.get(name) != getattr(config, name)]
     if differ:
         raise FmnistError(f"{out} holds a run with another {flag(differ[0])} ({saved.get(differ[0])}); move it "
                           "away or sweep into another --out")

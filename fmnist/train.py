@@ -1,90 +1,17 @@
-"""The training loop, evaluation and checkpoints."""
+"""The training loop: its state, its step, its epochs, and evaluation."""
 
-import json
 import math
-import platform
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from fmnist import FmnistError, __version__, data, plots
-from fmnist.files import atomic_path, prepare_out
+from fmnist import FmnistError, data, plots
+from fmnist.checkpoint import load_checkpoint, save_checkpoint, write_metrics
+from fmnist.files import prepare_out
+from fmnist.config import TrainConfig, check, recipe, train_command  # noqa: F401  (recipe: the library's, with train)
 from fmnist.model import Network
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 40              # full passes over the 60,000 training images
-    batch_size: int = 128         # images per step
-    lr: float = 0.005             # Adam's step size; with a schedule, its peak
-    schedule: str = "onecycle"    # constant | onecycle | cosine: how the step size moves, step by step
-    flip: bool = True             # random horizontal flips of the training images
-    shift: int = 1                # random shifts of the training images, up to this many pixels each way
-    label_smoothing: float = 0.1  # cross-entropy against targets this much spread over the other classes
-    ema: float = 0.0              # decay of an exponential moving average of the weights; 0 turns it off
-    seed: int = 0                 # weights' initialisation, batches' order, augmentation
-    device: str = "auto"          # auto | cpu | cuda; auto takes CUDA when present
-    compile: bool = False         # torch.compile the Network
-    amp: bool = False             # CUDA autocast: bf16 where supported, else fp16 with a GradScaler
-    data_dir: str | None = None   # where Fashion-MNIST is (see fmnist.data); None searches
-    out: str = "export"           # where fmnist.pt, metrics.jsonl and curves.png are written
-
-
-# A recipe is a set of defaults for the options that change what is learned; options given explicitly win.
-RECIPES = {
-    "tuned": {},   # TrainConfig's own defaults: see the README for what each part is worth
-    "seed": dict(epochs=10, batch_size=100, lr=0.01, schedule="constant", flip=False, shift=0,
-                 label_smoothing=0.0, ema=0.0),   # the tutorial's recipe, exactly
-}
-SCHEDULES = ("constant", "onecycle", "cosine")
-
-
-def recipe(name: str, **options) -> TrainConfig:
-    """The config of a recipe, with the options that are not None put over it."""
-    if name not in RECIPES:
-        raise FmnistError(f"--recipe {name}: choose one of {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES[name], **{k: v for k, v in options.items() if v is not None}})
-
-
-def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> TrainConfig:
-    """The config of the run saved in `out`, to continue it. Where it runs (device, compile, amp, data_dir)
-    may change; so may --epochs, unless the step size follows a schedule planned for the saved number."""
-    path = Path(out) / "fmnist.pt"
-    if not path.is_file():
-        raise FmnistError(f"--resume: no checkpoint in {out} to resume; train without --resume first")
-    given = [name for name, value in changed.items() if value is not None]
-    if given:
-        raise FmnistError(f"--resume continues the recipe saved in {path}; leave out "
-                          f"--{given[0].replace('_', '-')} (or train afresh in another --out)")
-    try:
-        config = TrainConfig(**{**load_checkpoint(path)["config"], **runtime, "out": str(out)})
-    except TypeError:
-        raise FmnistError(f"{path} was written by another version of fmnist; train afresh") from None
-    if epochs is not None and epochs != config.epochs:
-        if config.schedule != "constant":
-            raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule was planned for "
-                              f"{config.epochs} epochs; resume with --epochs {config.epochs}, or train afresh")
-        config = replace(config, epochs=epochs)
-    return config
-
-
-def check(config: TrainConfig) -> None:
-    """Refuse, with the option's name, a config that cannot train."""
-    problems = [
-        (config.epochs < 1, f"--epochs {config.epochs}: must be 1 or more"),
-        (config.batch_size < 1, f"--batch-size {config.batch_size}: must be 1 or more"),
-        (not config.lr > 0, f"--lr {config.lr}: must be greater than 0"),
-        (config.schedule not in SCHEDULES, f"--schedule {config.schedule}: choose one of {', '.join(SCHEDULES)}"),
-        (not 0 <= config.shift <= 8, f"--shift {config.shift}: must be 0 to 8 pixels"),
-        (not 0 <= config.label_smoothing < 1, f"--label-smoothing {config.label_smoothing}: must be in [0, 1)"),
-        (not 0 <= config.ema < 1, f"--ema {config.ema}: must be in [0, 1), 0 for off"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise FmnistError(message)
 
 
 class Reporter:
@@ -110,16 +37,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = False) -> list[dict]:
+def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = False,
+          overwrite: bool = False) -> list[dict]:
     """Train the Network as `config` says; after each epoch, write the checkpoint and metrics to config.out.
 
     resume: continue the run whose checkpoint is in config.out from its last completed epoch.
+    overwrite: a fresh run may replace the run already in config.out (refused otherwise, to lose nothing).
     Returns the metrics, one dict per epoch.
     """
     check(config)
     device = resolve_device(config.device)
     out = prepare_out(config.out)
-    saved = load_checkpoint(out / "fmnist.pt") if resume else None
+    if not resume and not overwrite and (out / "fmnist.pt").exists():
+        raise FmnistError(f"{out} holds a run already ({out / 'fmnist.pt'}); continue it with --resume, train "
+                          "into another --out, or replace it with --overwrite")
+    saved = load_checkpoint(out / "fmnist.pt", resume=True) if resume else None
     torch.manual_seed(config.seed)
     train_x, train_y = data.to_tensors(data.load("train", config.data_dir), device)
     test_x, test_y = data.to_tensors(data.load("test", config.data_dir), device)
@@ -129,7 +61,10 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
                           amp_dtype=amp_dtype)
     history = []
     if saved is not None:
-        state.load_state_dict(saved["training"])
+        try:
+            state.load_state_dict(saved["training"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise FmnistError(f"{out / 'fmnist.pt'} cannot be resumed ({type(e).__name__}: {e}); train afresh") from None
         history = saved["metrics"]
         if len(history) >= config.epochs:
             report.note(f"nothing to resume: the run in {out} has done {len(history)} of {config.epochs} epochs")
@@ -150,8 +85,7 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if not torch.isfinite(total_loss):
-            raise FmnistError(f"the loss became infinite or NaN in epoch {epoch}; try a lower --lr (now "
-                              f"{config.lr}). The checkpoint of the last good epoch is kept")
+            raise FmnistError(diverged(config, epoch, history))
         test_loss, test_accuracy = evaluate(state.network(), test_x, test_y)
         history.append({
             "epoch": epoch,
@@ -170,6 +104,15 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
     if history:
         plots.curves(history, out / "curves.png")
     return history
+
+
+def diverged(config: TrainConfig, epoch: int, history: list[dict]) -> str:
+    """What to say when the loss became infinite or NaN: a command that runs, and what was kept."""
+    lower = replace(config, lr=float(f"{config.lr / 10:.3g}"))
+    kept = (f"; {config.out}/fmnist.pt keeps epoch {history[-1]['epoch']}" if history else
+            "; no epoch of this run ended, so it saved nothing")
+    return (f"the loss became infinite or NaN in epoch {epoch}; train again with a lower --lr: "
+            f"{train_command(lower, f'{config.out}-lr{lower.lr:g}')}{kept}")
 
 
 class TrainingState:
@@ -330,67 +273,3 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     """(mean cross-entropy loss, accuracy as a fraction) of the model on these images."""
     logits = infer(model, images)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(dim=1) == labels).float().mean().item()
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, state: TrainingState, config: TrainConfig, history: list[dict]) -> None:
-    """The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
-    beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
-    needs."""
-    checkpoint = {
-        "model": on_cpu({k: v.contiguous() for k, v in state.network().state_dict().items()}),
-        "epoch": history[-1]["epoch"],
-        "config": asdict(config),
-        "metrics": history,
-        "versions": {"fmnist": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
-        "training": on_cpu(state.state_dict()),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def on_cpu(value):
-    """`value` with every tensor in it moved to the CPU: a GPU run's checkpoint then loads on any machine,
-    torch.load(path, weights_only=True) as it is. Resuming puts each tensor back on the training device
-    (load_state_dict copies weights into the device's tensors; Adam moves its state to its parameters')."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(v) for v in value)
-    return value
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by save_checkpoint, read safely (weights_only: a hostile file cannot run code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FmnistError(f"checkpoint {path} not found; train one with `fmnist train` or pass --checkpoint PATH")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FmnistError(f"{path} is not a readable fmnist checkpoint ({type(e).__name__}); pass a fmnist.pt "
-                          "written by `fmnist train`") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise FmnistError(f"{path} is not an fmnist checkpoint (no 'model' entry); pass a fmnist.pt written by "
-                          "`fmnist train`")
-    return checkpoint
-
-
-def load_network(path: str | Path) -> Network:
-    """The Network with a checkpoint's weights, in eval mode on the CPU."""
-    model = Network()
-    try:
-        model.load_state_dict(load_checkpoint(path)["model"])
-    except RuntimeError:
-        raise FmnistError(f"{path} holds the weights of another architecture, not the tutorial's Network") from None
-    return model.eval()
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.jsonl: one JSON object per epoch, rewritten whole (and atomically) after each epoch."""
-    text = "".join(json.dumps(row) + "\n" for row in history)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -77,3 +77,33 @@ def test_summary_gives_compile_time_apart_and_the_training_time_to_90_percent(ca
     text = capsys.readouterr().out
     assert "epoch 3, after 0.75 s of training" in text            # the first epoch at 90%, its time summed
     assert "7.5 s, once, not in the training time" in text and "1 s (the epochs' training passes)" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--batch-size", "60001"], "--batch-size 60001: more than the 60,000 training images; at most 60000"),
+    (["predict", "x.png", "--top", "0"], "--top 0: must be 1 or more"),
+    (["evaluate", "--plot", "confusion.bmp"], "--plot confusion.bmp: give a file ending in .png, .svg, .pdf"),
+])
+def test_nonsense_values_are_one_line_errors(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*args)
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: {message}", result.output
+
+
+def test_a_folder_where_a_file_goes_is_one_line_and_nothing_is_lost(tmp_path):
+    folder = tmp_path / "already-here"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    for args in (["evaluate", "--plot", folder], ["export", "--onnx", "--output", folder]):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and f"{folder}: that is a folder; name a file in it" in result.stderr
+        assert "Traceback" not in result.output
+    assert (folder / "keep.txt").read_text() == "mine"
+
+
+def test_a_command_that_fails_first_leaves_no_folder_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("export", "--onnx").exit_code == 1                 # no export/fmnist.pt here
+    assert run_cli("train", "--data-dir", tmp_path / "no" / "data", "--out", tmp_path / "run").exit_code == 1
+    assert run_cli("evaluate", "--plot", tmp_path / "plots" / "cm.png").exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

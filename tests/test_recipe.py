@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -13,7 +15,10 @@ def test_seed_recipe_is_the_tutorials():
 
 
 def test_tuned_recipe_is_the_default_and_options_win():
-    assert recipe("tuned") == TrainConfig()
+    c = recipe("tuned")
+    assert (c.epochs, c.batch_size, c.lr, c.schedule) == (40, 128, 0.005, "onecycle")   # the README's table
+    assert (c.flip, c.shift, c.label_smoothing, c.ema) == (True, 1, 0.1, 0.0)
+    assert TrainConfig().epochs == c.epochs   # what `fmnist train` takes without --recipe
     assert recipe("seed", lr=0.002, epochs=None).lr == 0.002 and recipe("seed", epochs=None).epochs == 10
     assert recipe("tuned", flip=False).flip is False
     with pytest.raises(FmnistError, match="--recipe best: choose one of tuned, seed"):
@@ -24,13 +29,15 @@ def test_augment_makes_flips_and_shifts_of_each_image():
     images = torch.rand(64, 1, 28, 28)
     out = data.augment(images, flip=True, shift=2, generator=torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    flipped_count = 0
+    flipped_count, offsets = 0, set()
     for original, got in zip(padded, out):
         matches = [(flip, dy, dx) for flip in (False, True) for dy in range(5) for dx in range(5)
                    if torch.equal((original.flip(2) if flip else original)[:, dy:dy + 28, dx:dx + 28], got)]
         assert matches, "an augmented image is not a flip and shift of its original"
         flipped_count += matches[0][0]
+        offsets.add(matches[0][1:])
     assert 16 <= flipped_count <= 48            # about half; 64 fair coins land outside this once in 10^4
+    assert len(offsets) >= 15                   # 64 draws of 25 offsets: fewer than 15 distinct, about never
     again = data.augment(images, flip=True, shift=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
     assert data.augment(images, flip=False, shift=0, generator=None) is images
@@ -75,7 +82,9 @@ def test_compile_ahead_compiles_every_batch_size_and_leaves_the_weights(first_im
     state = TrainingState(config, torch.device("cpu"), steps_per_epoch=3)
     before = {name: value.clone() for name, value in state.model.state_dict().items()}
     step = make_step(compiled_network(state.model, torch.device("cpu")), state)
-    assert compile_ahead(step, images, labels, batch_size=100) > 0
+    start = time.perf_counter()
+    seconds = compile_ahead(step, images, labels, batch_size=100)
+    assert 0 < seconds <= time.perf_counter() - start   # the time it reports is its own
     assert all(torch.equal(before[name], value) for name, value in state.model.state_dict().items())
     assert all(p.grad is None for p in state.model.parameters()) and not state.optimizer.state
     with torch._dynamo.config.patch(error_on_recompile=True):   # the epoch compiles nothing more
@@ -102,6 +111,15 @@ def test_one_epoch_of_the_loop_counts_every_image(first_images):
     config = recipe("seed", batch_size=128)   # 500 = 3 x 128 + 116: the last batch is partial
     torch.manual_seed(0)
     state = TrainingState(config, torch.device("cpu"), steps_per_epoch=4)
-    total_loss, correct = train_epoch(make_step(state.model, state), images, labels, config, state.order)
-    assert 0 <= int(correct) <= 500 and torch.isfinite(total_loss)
+    real_step, steps = make_step(state.model, state), []
+
+    def recorded_step(batch_images, batch_labels):   # the real step; what it saw and said is kept
+        loss, correct = real_step(batch_images, batch_labels)
+        steps.append((len(batch_images), loss.item(), int(correct)))
+        return loss, correct
+
+    total_loss, correct = train_epoch(recorded_step, images, labels, config, state.order)
+    assert [size for size, _, _ in steps] == [128, 128, 128, 116]
+    assert int(correct) == sum(c for _, _, c in steps)                                  # every image counted
+    assert total_loss.item() == pytest.approx(sum(size * loss for size, loss, _ in steps), rel=1e-6)  # by its size
     assert state.optimizer.state[state.model.conv1.weight]["step"] == 4

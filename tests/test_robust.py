@@ -34,7 +34,7 @@ def test_a_dict_without_weights_is_not_a_checkpoint(tmp_path):
     one_line_error(run_cli("evaluate", "--checkpoint", path), "is not an fmnist checkpoint (no 'model' entry)")
 
 
-def test_another_architecture(tmp_path, real_data):
+def test_another_architecture(tmp_path):
     path = tmp_path / "resnet-ish.pt"
     torch.save({"model": torch.nn.Linear(784, 10).state_dict()}, path)
     one_line_error(run_cli("evaluate", "--checkpoint", path), "weights of another architecture")
@@ -105,29 +105,110 @@ def test_interrupt_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, re
 def test_ctrl_c_exits_non_zero_and_keeps_the_last_epoch(tmp_path, real_data, monkeypatch):
     from fmnist import cli
 
-    monkeypatch.setattr(cli.RichReporter, "epoch_start", lambda self, epoch, *a: InterruptAt(2).epoch_start(epoch, *a))
-    monkeypatch.setattr(cli.RichReporter, "step", lambda *a: None)
-    monkeypatch.setattr(cli.RichReporter, "epoch_end", lambda *a: None)
+    real_epoch_start, stopped = cli.RichReporter.epoch_start, []
+
+    def interrupt_at_2(self, epoch, epochs, samples):
+        real_epoch_start(self, epoch, epochs, samples)     # the bar is drawn, then Ctrl-C
+        InterruptAt(2).epoch_start(epoch, epochs, samples)
+
+    real_stop = cli.RichReporter.stop
+    monkeypatch.setattr(cli.RichReporter, "epoch_start", interrupt_at_2)
+    monkeypatch.setattr(cli.RichReporter, "stop", lambda self: (stopped.append(self.progress), real_stop(self)))
     result = run_cli("train", "--epochs", "2", "--batch-size", "1000", "--out", tmp_path)
-    assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert f"interrupted; {tmp_path / 'fmnist.pt'} holds epoch 1: continue with `fmnist train --resume" in result.stderr
+    assert any(progress is not None for progress in stopped)   # the bar of epoch 2 was stopped: cursor back
     assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_resume_refuses_a_changed_recipe_and_a_missing_run(tmp_path, trained):
+def checkpoint_of(folder, epochs_done: int, epochs: int, schedule="onecycle"):
+    """A real checkpoint, written by fmnist's own code, of a run that has done `epochs_done` of `epochs`
+    (untrained weights: enough for what is tested with it, and no data needed)."""
+    from fmnist.checkpoint import save_checkpoint
+    from fmnist.train import TrainingState
+
+    config = recipe("tuned", epochs=epochs, schedule=schedule, device="cpu", out=str(folder))
+    row = dict(epoch=0, train_loss=1.0, train_accuracy=0.5, test_loss=1.0, test_accuracy=0.5, train_seconds=1.0,
+               samples_per_second=60_000.0, compile_seconds=0.0)
+    history = [{**row, "epoch": e} for e in range(1, epochs_done + 1)]
+    save_checkpoint(folder / "fmnist.pt", TrainingState(config, torch.device("cpu"), steps_per_epoch=10), config, history)
+    return folder / "fmnist.pt"
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_run(tmp_path):
     one_line_error(run_cli("train", "--resume", "--out", tmp_path), "--resume: no checkpoint in")
-    shutil.copy(trained[0] / "fmnist.pt", tmp_path / "fmnist.pt")
+    checkpoint_of(tmp_path, epochs_done=1, epochs=1)
     one_line_error(run_cli("train", "--resume", "--lr", "0.1", "--out", tmp_path), "leave out --lr")
-    one_line_error(run_cli("train", "--resume", "--epochs", "5", "--out", tmp_path),
-                   "onecycle schedule was planned for 1 epochs")
 
 
-def test_a_diverging_run_stops_with_advice_and_keeps_the_last_good_checkpoint(tmp_path, trained):
-    shutil.copy(trained[0] / "fmnist.pt", tmp_path / "fmnist.pt")
-    before = (tmp_path / "fmnist.pt").read_bytes()
-    result = run_cli("train", "--recipe", "seed", "--lr", "1e30", "--epochs", "1", "--out", tmp_path)
-    one_line_error(result, "the loss became infinite or NaN in epoch 1; try a lower --lr")
-    assert (tmp_path / "fmnist.pt").read_bytes() == before
+def test_growing_a_scheduled_run_says_what_works(tmp_path):
+    done, half = tmp_path / "done", tmp_path / "half"
+    checkpoint_of(done, epochs_done=3, epochs=3)
+    result = run_cli("train", "--resume", "--epochs", "5", "--out", done)
+    one_line_error(result, "onecycle schedule was planned for its 3 epochs and has run them all",
+                   f"train afresh: fmnist train --epochs 5 --out {done}-5-epochs")
+    checkpoint_of(half, epochs_done=1, epochs=3)
+    one_line_error(run_cli("train", "--resume", "--epochs", "5", "--out", half),
+                   "is planned for 3 epochs; resume without --epochs to finish them")
+
+
+def test_a_fresh_run_into_a_finished_one_is_refused(tmp_path, real_data):
+    path = checkpoint_of(tmp_path, epochs_done=3, epochs=3)
+    before = path.read_bytes()
+    one_line_error(run_cli("train", "--epochs", "1", "--out", tmp_path), "holds a run already",
+                   "--resume", "--overwrite")
+    assert path.read_bytes() == before
+    result = run_cli("train", "--epochs", "1", "--batch-size", "2000", "--overwrite", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert torch.load(path, weights_only=True)["config"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("entry", ["config", "training", "metrics"])
+def test_a_checkpoint_without_what_resume_needs_is_one_line(tmp_path, entry):
+    path = checkpoint_of(tmp_path, epochs_done=1, epochs=2, schedule="constant")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint[entry] = "something else"
+    torch.save(checkpoint, path)
+    one_line_error(run_cli("train", "--resume", "--out", tmp_path), f"cannot be resumed: its '{entry}' entry")
+
+
+def test_a_checkpoint_whose_weights_are_not_weights_is_one_line(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": [1, 2, 3], "config": {}}, path)
+    one_line_error(run_cli("evaluate", "--checkpoint", path), "its 'model' is not a set of weights")
+    one_line_error(run_cli("export", "--onnx", "--checkpoint", path, "--output", tmp_path / "m.onnx"),
+                   "its 'model' is not a set of weights")
+
+
+class NaNInEpoch:
+    """Wraps fmnist.train.train_epoch: the real epoch, whose summed loss is then made NaN in epoch `epoch`,
+    as a diverging run's is (a real divergence cannot be set to start in a chosen epoch)."""
+
+    def __init__(self, real, epoch):
+        self.real, self.epoch, self.calls = real, epoch, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        total_loss, correct = self.real(*args, **kwargs)
+        return (total_loss * float("nan") if self.calls == self.epoch else total_loss), correct
+
+
+def test_a_diverging_run_stops_with_a_command_that_runs_and_keeps_the_last_good_epoch(tmp_path, real_data,
+                                                                                       monkeypatch):
+    from fmnist import train as training
+
+    monkeypatch.setattr(training, "train_epoch", NaNInEpoch(training.train_epoch, epoch=2))
+    result = run_cli("train", "--recipe", "seed", "--epochs", "3", "--batch-size", "2000", "--out", tmp_path)
+    advice = f"fmnist train --epochs 3 --batch-size 2000 --lr 0.001 --schedule constant --no-flip --shift 0 " \
+             f"--label-smoothing 0.0 --out {tmp_path}-lr0.001"
+    one_line_error(result, "the loss became infinite or NaN in epoch 2; train again with a lower --lr: " + advice,
+                   f"{tmp_path}/fmnist.pt keeps epoch 1")
+    assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    monkeypatch.undo()
+    again = run_cli(*advice.split()[1:])          # the advice is a command that runs
+    assert again.exit_code == 0, again.output
 
 
 def test_pictures_are_valid_pngs(tmp_path, trained):
