@@ -274,9 +274,10 @@ def _print_evaluation(model: str, result, classes) -> None:
 def predict(
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files, any size and mode.")],
     onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path("export/fmnist.onnx"),
-    invert: Annotated[bool, typer.Option(
-        help="Invert the pixels first: Fashion-MNIST is a light garment on a dark background, "
-             "so use this for a dark item photographed on a light background.")] = False,
+    invert: Annotated[Optional[bool], typer.Option(
+        "--invert/--no-invert", show_default="decided per image",
+        help="Negate the image, or not. By default fmnist decides from the image's border: a garment on a light "
+             "background is negated, to become a light garment on dark as in Fashion-MNIST.")] = None,
     top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
@@ -292,15 +293,17 @@ def predict(
     results, failed = [], 0
     for path in images:
         try:
-            ranked = runtime.top_classes(sess, runtime.load_image(path, invert), top)
+            image, negated = runtime.load_image(path, invert)
+            ranked = runtime.top_classes(sess, image, top)
         except FmnistError as e:
             print_error(e)
             failed += 1
             continue
-        results.append({"image": str(path), "top": [{"class": name, "probability": p} for name, p in ranked]})
+        results.append({"image": str(path), "negated": negated,
+                        "top": [{"class": name, "probability": p} for name, p in ranked]})
         if not as_json:
-            out.print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked),
-                      highlight=False, soft_wrap=True)
+            out.print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked)
+                      + ("  (negated: light background)" if negated else ""), highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(data=results)
     if failed:

@@ -77,25 +77,74 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 
 # ---- prediction on image files -------------------------------------------------------------------
 
-def load_image(path: str | Path, invert: bool = False) -> np.ndarray:
-    """An image file of any size and mode as a model input (1, 1, 28, 28).
+TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 
-    Fashion-MNIST shows a light garment on a dark background; a photo of a dark item on a light
-    background needs invert=True. The image keeps its aspect ratio, padded with the background.
+
+def load_image(path: str | Path, invert: bool | None = None) -> tuple[np.ndarray, bool]:
+    """An image file of any size and mode as a model input (1, 1, 28, 28), prepared the way Fashion-MNIST's
+    images were made from product photos (Xiao et al. 2017, section 2): trim the edges that are close to the
+    corner colour, resize the longest edge to 28, sharpen, centre on a 28 x 28 canvas, negate, 8-bit grey.
+
+    Negating is decided from the image: a light border (a garment photographed on a light background, the
+    common case) is negated, so that it becomes a light garment on a dark background as in Fashion-MNIST; a
+    dark one is not. invert=True or False overrides that. An image of 28 x 28 is taken as already made that
+    way (a Fashion-MNIST image): only the negating applies. Returns (input, whether it was negated).
     """
+    gray, light = _decode(path, invert)
+    negate = light if invert is None else invert
+    if gray.shape != (28, 28):
+        gray = _fashion_mnist_geometry(gray)
+    pixels = 255 - gray if negate else gray
+    return to_model_input(np.clip(pixels, 0, 255).round().astype(np.uint8)[None]), negate
+
+
+def _decode(path, invert: bool | None) -> tuple[np.ndarray, bool]:
+    """The image as float grey levels 0..255 (H, W), and whether its border is light. Transparency is laid
+    on the background first (white, or black under --no-invert), so the colour stored under transparent
+    pixels plays no part; 16-bit, 32-bit and float images are scaled by their range, not clipped."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            gray = ImageOps.exif_transpose(image).convert("L")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+    except Image.DecompressionBombError:
+        raise FmnistError(f"{path}: too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                          "scale it down first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         reason = ("not an image file PIL can decode" if isinstance(e, UnidentifiedImageError)
                   else getattr(e, "strerror", None) or str(e))
         raise FmnistError(f"{path}: cannot read this image ({reason})") from None
-    gray = ImageOps.pad(gray, (28, 28), method=Image.Resampling.BILINEAR, color=255 if invert else 0)
-    if invert:
-        gray = ImageOps.invert(gray)
-    return to_model_input(np.asarray(gray, dtype=np.uint8)[None])
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255) if invert is False else (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(image, dtype=np.float64) * (255 / 65535)   # 16-bit: 0..65535
+    elif image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)                 # 32-bit: their own range
+        low, high = float(values.min()), float(values.max())
+        gray = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    else:
+        gray = np.asarray(image.convert("RGB").convert("L"), dtype=np.float64)   # CMYK, palette, RGB...
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return gray, float(np.median(border)) > 127
+
+
+def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:
+    """Trim to the garment, resize its longest edge to 28, sharpen, centre on 28 x 28 (on the corner colour)."""
+    from PIL import Image, ImageFilter
+
+    corner = float(np.median([gray[0, 0], gray[0, -1], gray[-1, 0], gray[-1, -1]]))
+    rows, cols = np.nonzero(np.abs(gray - corner) > TRIM_TOLERANCE)
+    if len(rows):   # a blank image stays whole
+        gray = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = gray.shape
+    size = (max(1, round(28 * w / max(h, w))), max(1, round(28 * h / max(h, w))))
+    small = Image.fromarray(np.clip(gray, 0, 255).round().astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    small = small.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))   # Gaussian, radius 1
+    canvas = Image.new("L", (28, 28), int(round(corner)))
+    canvas.paste(small, ((28 - size[0]) // 2, (28 - size[1]) // 2))
+    return np.asarray(canvas, dtype=np.float64)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

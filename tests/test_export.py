@@ -124,16 +124,67 @@ def test_predict_agrees_with_evaluate(exported, pngs, test_images):
     assert human.stdout.startswith(f"{pngs[0]}: {CLASSES[classes[0]]} ") and human.stdout.count("%") == 2
 
 
-def test_predict_resizes_any_image_and_inverts(exported, pngs, tmp_path):
-    big = tmp_path / "big.jpg"
-    Image.open(pngs[0]).resize((280, 280), Image.Resampling.NEAREST).convert("RGB").save(big, quality=95)
+def test_predict_negates_by_the_background_and_the_flags_override(exported, pngs, tmp_path):
     dark_on_light = tmp_path / "dark.png"
     Image.eval(Image.open(pngs[0]), lambda v: 255 - v).save(dark_on_light)
-    result = run_cli("predict", pngs[0], big, "--onnx", exported[0], "--json")
-    inverted = run_cli("predict", dark_on_light, "--invert", "--onnx", exported[0], "--json")
-    assert result.exit_code == 0 and inverted.exit_code == 0
-    first = top1(result)
-    assert first["big.jpg"] == first[pngs[0].name] == top1(inverted)["dark.png"]
+    auto = run_cli("predict", pngs[0], dark_on_light, "--onnx", exported[0], "--json")
+    assert auto.exit_code == 0, auto.output
+    rows = {row["image"].rsplit("/", 1)[-1]: row for row in json.loads(auto.stdout)}
+    assert rows["dark.png"]["negated"] is True and rows[pngs[0].name]["negated"] is False
+    assert rows["dark.png"]["top"][0] == pytest.approx(rows[pngs[0].name]["top"][0])   # the same input, in the end
+    forced = run_cli("predict", dark_on_light, "--no-invert", "--onnx", exported[0], "--json")
+    assert json.loads(forced.stdout)[0]["negated"] is False
+
+
+def product_photo(image: np.ndarray, path, scale=10, margins=(70, 25), mode="RGB", alpha=False):
+    """A test image as a product photo: a dark garment on a white background, larger, with margins."""
+    garment = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
+    photo = Image.new("L", (28 * scale + 2 * margins[0], 28 * scale + 2 * margins[1]), 255)
+    photo.paste(garment, margins)
+    if alpha:   # a cut-out: the background transparent, and black (not white) under the transparency
+        opaque = Image.fromarray(((np.asarray(photo) < 250) * 255).astype(np.uint8))
+        photo = Image.merge("RGBA", [Image.eval(photo, lambda v: 0 if v >= 250 else v)] * 3 + [opaque])
+    elif mode == "I;16":
+        photo = Image.fromarray((np.asarray(photo).astype(np.uint16) * 257))   # 16-bit: 0..65535
+    else:
+        photo = photo.convert(mode)
+    photo.save(path, **({"quality": 90} if str(path).endswith(".jpg") else {}))
+    return path
+
+
+@pytest.mark.parametrize("name, options", [
+    ("jpeg", dict(mode="RGB")), ("cmyk.jpg", dict(mode="CMYK")), ("palette.png", dict(mode="P")),
+    ("sixteen-bit.png", dict(mode="I;16")), ("cutout.png", dict(alpha=True)),
+])
+def test_product_photos_are_classified_like_the_test_images_they_show(exported, test_images, tmp_path, name, options):
+    images, _ = test_images
+    count = 60
+    suffix = ".jpg" if name.endswith(("jpeg", ".jpg")) else ".png"
+    photos = [product_photo((images[i, 0] * 255).round().astype(np.uint8), tmp_path / f"{i}{suffix}", **options)
+              for i in range(count)]
+    result = run_cli("predict", *photos, "--onnx", exported[0], "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert all(row["negated"] for row in rows)                     # a white background: negated, unasked
+    originals = fresh_session(exported[0]).run(None, {"images": images[:count]})[0].argmax(1)
+    got = top1(result)
+    agree = sum(got[f"{i}{suffix}"] == CLASSES[originals[i]] for i in range(count))
+    # Trimmed, resized and sharpened back to 28 x 28 from a 10x, JPEG'd copy: not bit for bit the original.
+    # Measured with a trained model on 300 test images: 92-93% of photos get the original's class.
+    assert agree >= 0.85 * count, f"{agree} of {count} agree"
+
+
+def test_an_image_too_large_to_decode_is_one_line_and_the_others_are_classified(exported, pngs, tmp_path,
+                                                                                   monkeypatch):
+    from PIL import Image as PILImage
+
+    big = tmp_path / "huge.png"
+    PILImage.new("L", (300, 300), 255).save(big)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20_000)       # 90,000 pixels: over twice the limit
+    result = run_cli("predict", pngs[0], big, pngs[1], "--onnx", exported[0], "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == f"error: {big}: too large to decode safely (over 40,000 pixels); scale it down first"
+    assert set(top1(result)) == {pngs[0].name, pngs[1].name}
 
 
 def test_predict_names_a_bad_image_and_still_classifies_the_others(exported, pngs, tmp_path):
