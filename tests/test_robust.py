@@ -220,6 +220,9 @@ def test_pictures_are_valid_pngs(tmp_path, trained):
     with Image.open(tmp_path / "confusion.png") as confusion:
         assert confusion.format == "PNG" and confusion.size[0] > 400
         confusion.verify()
+    svg = run_cli("evaluate", "--checkpoint", out / "fmnist.pt", "--plot", tmp_path / "confusion.svg")
+    assert svg.exit_code == 0 and (tmp_path / "confusion.svg").read_text().lstrip().startswith("<?xml")
+    assert "<svg" in (tmp_path / "confusion.svg").read_text()
 
 
 def test_a_truncated_data_file(tmp_path, real_data):
