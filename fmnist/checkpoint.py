@@ -47,8 +47,8 @@ def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> Tr
     return config
 
 
-def save_checkpoint(path: Path, state, config: TrainConfig, history: list[dict]) -> None:
-    """`state` is fmnist.train.TrainingState. The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
+def save_checkpoint(path: Path, state, config: TrainConfig, history: list[dict]) -> None:   # fmnist.train.TrainingState
+    """The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
     beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
     needs."""
     checkpoint = {

@@ -219,7 +219,8 @@ def evaluate(
         help="Evaluate this checkpoint with torch (the default: export/fmnist.pt).")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Evaluate this ONNX model with onnxruntime.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the confusion matrix into this file (.png, .svg or .pdf).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also draw the confusion matrix into this file (.png, .svg or .pdf).")] = None,
     data_dir: DataDir = None,
 ):
     """Accuracy on the 10,000 test images: overall, per class, and the confusion matrix."""
@@ -400,7 +401,7 @@ def _show_sweep(the_study, out_dir: Path) -> None:
     rows = results.rows(the_study)
     from rich import box
 
-    table = Table(*plan.swept, "final acc", "best (epoch)", "epochs", "train s", "samples/s", "state",
+    table = Table(*plan.swept, "final acc", "best (epoch)", "epochs run", "train s", "samples/s", "state",
                   title=f"fmnist sweep {the_study.study_name}: {len(rows)} trials, best first", box=box.SIMPLE_HEAD)
     table.add_column("folder", overflow="fold")
     for column in table.columns[:-1]:

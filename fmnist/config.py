@@ -12,11 +12,11 @@ TRAIN_IMAGES = 60_000   # the size of Fashion-MNIST's training set
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 40              # full passes over the 60,000 training images
+    epochs: int = 30              # full passes over the 60,000 training images
     batch_size: int = 128         # images per step
     lr: float = 0.005             # Adam's step size; with a schedule, its peak
     schedule: str = "onecycle"    # constant | onecycle | cosine: how the step size moves, step by step
-    flip: bool = True             # random horizontal flips of the training images
+    flip: bool = False            # random horizontal flips of the training images
     shift: int = 1                # random shifts of the training images, up to this many pixels each way
     label_smoothing: float = 0.1  # cross-entropy against targets this much spread over the other classes
     ema: float = 0.0              # decay of an exponential moving average of the weights; 0 turns it off

@@ -30,7 +30,8 @@ def file_target(path: str | Path, option: str, suffixes: tuple[str, ...] | None 
     """A file to write, checked first: not a folder, of a kind we write, in a place we can write."""
     path = Path(path)
     if path.is_dir():
-        raise FmnistError(f"{option} {path}: that is a folder; name a file in it, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+        example = path / ("out" + (suffixes[0] if suffixes else ""))
+        raise FmnistError(f"{option} {path}: that is a folder; name a file in it, e.g. {example}")
     if suffixes and path.suffix.lower() not in suffixes:
         raise FmnistError(f"{option} {path}: give a file ending in {', '.join(suffixes)}")
     prepare_out(path.parent)

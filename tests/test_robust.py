@@ -200,7 +200,7 @@ def test_a_diverging_run_stops_with_a_command_that_runs_and_keeps_the_last_good_
 
     monkeypatch.setattr(training, "train_epoch", NaNInEpoch(training.train_epoch, epoch=2))
     result = run_cli("train", "--recipe", "seed", "--epochs", "3", "--batch-size", "2000", "--out", tmp_path)
-    advice = f"fmnist train --epochs 3 --batch-size 2000 --lr 0.001 --schedule constant --no-flip --shift 0 " \
+    advice = f"fmnist train --epochs 3 --batch-size 2000 --lr 0.001 --schedule constant --shift 0 " \
              f"--label-smoothing 0.0 --out {tmp_path}-lr0.001"
     one_line_error(result, "the loss became infinite or NaN in epoch 2; train again with a lower --lr: " + advice,
                    f"{tmp_path}/fmnist.pt keeps epoch 1")
