@@ -172,7 +172,7 @@ def train(
     try:
         history = training.train(config, reporter, resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:
-        bars.stop()
+        bars.stop()   # before the message (the finally below does it on every other way out)
         err.print(f"interrupted; {_kept(out_dir)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     finally:

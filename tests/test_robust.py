@@ -102,22 +102,35 @@ def test_interrupt_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, re
     assert [r["epoch"] for r in lines] == [1, 2, 3]
 
 
+def progress_bars(monkeypatch) -> list:
+    """The progress bars the CLI's reporter starts, kept to check afterwards that each was stopped."""
+    from fmnist import cli
+
+    bars, real_epoch_start = [], cli.RichReporter.epoch_start
+
+    def keep(self, *args):
+        real_epoch_start(self, *args)
+        bars.append(self.progress)
+
+    monkeypatch.setattr(cli.RichReporter, "epoch_start", keep)
+    return bars
+
+
 def test_ctrl_c_exits_non_zero_and_keeps_the_last_epoch(tmp_path, real_data, monkeypatch):
     from fmnist import cli
 
-    real_epoch_start, stopped = cli.RichReporter.epoch_start, []
+    bars = progress_bars(monkeypatch)
+    real_epoch_start = cli.RichReporter.epoch_start
 
     def interrupt_at_2(self, epoch, epochs, samples):
         real_epoch_start(self, epoch, epochs, samples)     # the bar is drawn, then Ctrl-C
         InterruptAt(2).epoch_start(epoch, epochs, samples)
 
-    real_stop = cli.RichReporter.stop
     monkeypatch.setattr(cli.RichReporter, "epoch_start", interrupt_at_2)
-    monkeypatch.setattr(cli.RichReporter, "stop", lambda self: (stopped.append(self.progress), real_stop(self)))
     result = run_cli("train", "--epochs", "2", "--batch-size", "1000", "--out", tmp_path)
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert f"interrupted; {tmp_path / 'fmnist.pt'} holds epoch 1: continue with `fmnist train --resume" in result.stderr
-    assert any(progress is not None for progress in stopped)   # the bar of epoch 2 was stopped: cursor back
+    assert len(bars) == 2 and not any(bar.live.is_started for bar in bars)   # epoch 2's stopped: cursor back
     assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -196,10 +209,13 @@ class NaNInEpoch:
 
 def test_a_diverging_run_stops_with_a_command_that_runs_and_keeps_the_last_good_epoch(tmp_path, real_data,
                                                                                        monkeypatch):
+    from fmnist import cli
     from fmnist import train as training
 
     monkeypatch.setattr(training, "train_epoch", NaNInEpoch(training.train_epoch, epoch=2))
+    bars = progress_bars(monkeypatch)
     result = run_cli("train", "--recipe", "seed", "--epochs", "3", "--batch-size", "2000", "--out", tmp_path)
+    assert len(bars) == 2 and not any(bar.live.is_started for bar in bars)   # epoch 2's stopped too: cursor back
     advice = f"fmnist train --epochs 3 --batch-size 2000 --lr 0.001 --schedule constant --shift 0 " \
              f"--label-smoothing 0.0 --out {tmp_path}-lr0.001"
     one_line_error(result, "the loss became infinite or NaN in epoch 2; train again with a lower --lr: " + advice,
