@@ -352,6 +352,7 @@ def sweep(
     """Many training runs compared: every combination of the listed values (a grid), or --trials N drawn
     from ranges lo..hi (a search). Running the same command again continues the sweep."""
     from fmnist import sweep as sweeping
+    from fmnist.workers import Runtime, run_workers, work
 
     name = study or out_dir.resolve().name
     if show:
@@ -376,12 +377,12 @@ def sweep(
     sweeping.quiet_optuna()
     db = sweeping.open_storage(storage, out_dir)
     the_study = sweeping.open_study(db, name, plan)
-    runtime = sweeping.Runtime(out_dir, device, compile, amp, str(data_dir) if data_dir else None, tensorboard)
+    runtime = Runtime(out_dir, device, compile, amp, str(data_dir) if data_dir else None, tensorboard)
     try:
         if workers == 1:
-            sweeping.work(the_study, plan, runtime, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
+            work(the_study, plan, runtime, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
         else:
-            sweeping.run_workers(storage, name, plan, runtime, workers)
+            run_workers(storage, name, plan, runtime, workers)
     except KeyboardInterrupt:
         err.print("interrupted: finished trials are kept, and the one that was running resumes from its last "
                   "completed epoch when you run the same command again", highlight=False, soft_wrap=True)

@@ -1,26 +1,17 @@
-"""`fmnist sweep`: many training runs compared, on Optuna.
+"""`fmnist sweep`: many training runs compared, on Optuna. This module: what a sweep varies, and its study.
 
 A sweep varies the options of `fmnist train` that change what is learned. Lists of values make a grid (every
 combination runs once); a range (`lo..hi`) with a number of trials makes a search (Optuna's default sampler
 picks the values). Each trial is an ordinary training run in its own folder under the sweep's folder, so any
-trial can be evaluated, exported or resumed like any other run.
+trial can be evaluated, exported or resumed like any other run (fmnist.workers runs them).
 
 The sweep's state lives in an Optuna storage: by default a journal file in the sweep's folder, which several
-processes on one machine share; with --storage, a database that workers on many machines share. Handing each
-grid point to exactly one worker: the grid is enqueued once, as WAITING trials, by whichever worker created
-the study; a worker takes a trial by moving it from WAITING to RUNNING, and the storage lets exactly one
-worker make that move (a journal replays its log in one order; a database updates the row under a lock).
-Optuna's GridSampler alone does not promise that: its docs say concurrent workers may suggest the same point.
-
-A trial that stops before it ends (Ctrl-C, or a worker that died) is put back in the queue with the same
-values and the same folder, and the worker that takes it resumes it from its last completed epoch.
+processes on one machine share; with --storage, a database that workers on many machines share. The grid is
+enqueued once, as WAITING trials, by whichever worker created the study.
 """
 
 import itertools
 import json
-import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +23,7 @@ SWEEPABLE = {"recipe": str, "epochs": int, "batch_size": int, "lr": float, "sche
              "shift": int, "label_smoothing": float, "ema": float, "seed": int}
 LOG_SCALE = {"lr"}        # rates are searched on a log scale
 JOURNAL = "sweep.journal"  # the default storage, in the sweep's folder
+HEARTBEAT_SECONDS = 20     # a database hears from each worker this often; 3 missed beats: the worker is dead
 BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -180,8 +172,6 @@ def open_storage(url: str | None, folder: Path):
                           "and that the server is running") from None
 
 
-HEARTBEAT_SECONDS = 20
-
 
 def _with_driver(url: str) -> str:
     """postgresql://... means psycopg2 to SQLAlchemy; fmnist's postgres extra installs psycopg (3)."""
@@ -261,260 +251,6 @@ def _wait_until_ready(study, sweep: Sweep, seconds: float = 30.0):
         time.sleep(0.5)
 
 
-# ---- workers -------------------------------------------------------------------------------------
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _is_dead(worker: str | None) -> bool:
-    """Whether the worker that holds a trial is known to be gone: a process of this machine that no longer
-    exists. Workers on other machines are judged by the database's heartbeat instead."""
-    if not worker:
-        return False   # taken an instant ago, its worker not yet written
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
-
-
-def requeue(study, trial) -> None:
-    """Queue a trial that stopped before it ended again: same values, same folder (so it resumes there)."""
-    import optuna
-
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"folder": trial.user_attrs["folder"]},
-        system_attrs={"fixed_params": trial.params, "retry_of": trial.number}))
-
-
-def release_stale(study) -> None:
-    """Fail and queue again the RUNNING trials whose worker died: on this machine, a worker process that is
-    gone; on a database, also a worker that missed its heartbeats (Optuna's fail_stale_trials)."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "folder" in trial.user_attrs and _is_dead(trial.user_attrs.get("worker")):
-            try:
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue   # another worker released it first
-            requeue(study, trial)
-
-
-def next_trial(study, sweep: Sweep):
-    """The next trial for this worker: a queued one (a grid point, or one to resume), else in a search a new
-    one while fewer than --trials have been started; None when the sweep has nothing left to hand out."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    storage = study._storage
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):   # exactly one worker wins
-                return optuna.Trial(study, waiting._trial_id)
-        except UpdateFinishedTrialError:
-            continue
-    if sweep.is_search:
-        started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        started = [t for t in started if "retry_of" not in t.system_attrs]   # a resumed trial counts once
-        if len(started) < sweep.trials:
-            return study.ask()
-    return None
-
-
-def suggest(trial, sweep: Sweep) -> dict:
-    """The trial's values of the swept options: fixed for a grid point or a resumed trial, sampled otherwise."""
-    params = {}
-    for name in sweep.swept:
-        values = sweep.values[name]
-        if isinstance(values, Range):
-            if SWEEPABLE[name] is int:
-                params[name] = trial.suggest_int(name, int(values.low), int(values.high))
-            else:
-                params[name] = trial.suggest_float(name, values.low, values.high, log=name in LOG_SCALE)
-        else:
-            params[name] = trial.suggest_categorical(name, values)
-    return params
-
-
-@dataclass
-class Runtime:
-    """Where and how the trials run; none of it changes what is learned."""
-    out: Path
-    device: str = "auto"
-    compile: bool = False
-    amp: bool = False
-    data_dir: str | None = None
-    tensorboard: bool = False
-
-
-def work(study, sweep: Sweep, runtime: Runtime, say=print) -> int:
-    """Run trials until the sweep has none left for this worker. Returns how many this worker trained."""
-    count = 0
-    while True:
-        release_stale(study)
-        trial = next_trial(study, sweep)
-        if trial is None:
-            return count
-        run_trial(study, trial, sweep, runtime, say)
-        count += 1
-
-
-def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
-    """One trial: an ordinary training run in its folder, resumed there if a checkpoint exists. Its test
-    accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
-    import optuna
-    from fmnist.checkpoint import load_checkpoint
-    from fmnist.train import train
-    from optuna.trial import TrialState
-
-    params = suggest(trial, sweep)
-    folder = trial.user_attrs.get("folder") or f"trial-{trial.number:04d}"
-    trial.set_user_attr("folder", folder)
-    trial.set_user_attr("worker", worker_id())
-    out = runtime.out / folder
-    config = trial_config(params, sweep.fixed, str(out), device=runtime.device, compile=runtime.compile,
-                          amp=runtime.amp, data_dir=runtime.data_dir)
-    resume = (out / "fmnist.pt").is_file()
-    if resume:
-        _check_same_run(load_checkpoint(out / "fmnist.pt")["config"], config, out)
-    report = TrialReporter(trial, folder, say)
-    if runtime.tensorboard:
-        from fmnist.tensorboard import TensorBoardReporter
-
-        report = TensorBoardReporter(out, config, report)
-    say(f"{folder}: {'resumed' if resume else 'started'} (trial {trial.number})")
-    with Heartbeat(study, trial):
-        try:
-            history = train(config, report, resume=resume)
-        except optuna.TrialPruned:
-            _record(trial, report.history)
-            study.tell(trial, state=TrialState.PRUNED)
-            say(f"{folder}: pruned after epoch {len(report.history)} (behind the median)")
-            return
-        except FmnistError as e:   # a real outcome of these values, e.g. a loss that became NaN: not retried
-            trial.set_user_attr("error", str(e))
-            study.tell(trial, state=TrialState.FAIL)
-            say(f"{folder}: failed: {e}")
-            return
-        except BaseException:     # Ctrl-C, or a crash: queued again, to resume from the last epoch
-            study.tell(trial, state=TrialState.FAIL)
-            requeue(study, study._storage.get_trial(trial._trial_id))
-            raise
-    _record(trial, history)
-    study.tell(trial, history[-1]["test_accuracy"])
-    say(f"{folder}: test accuracy {history[-1]['test_accuracy']:.2%} after {len(history)} epochs")
-
-
-def _check_same_run(saved: dict, config, out: Path) -> None:
-    from fmnist.config import LEARNED
-
-    differ = [name for name in LEARNED if saved.get(name) != getattr(config, name)]
-    if differ:
-        raise FmnistError(f"{out} holds a run with another {flag(differ[0])} ({saved.get(differ[0])}); move it "
-                          "away or sweep into another --out")
-
-
-def _record(trial, history: list[dict]) -> None:
-    """The trial's results in the study too, so that the table can be made from any machine of the sweep."""
-    if not history:
-        return
-    best = max(history, key=lambda row: row["test_accuracy"])
-    trial.set_user_attr("result", {
-        "epochs_done": len(history),
-        "final_test_accuracy": history[-1]["test_accuracy"],
-        "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
-        "train_seconds": sum(row["train_seconds"] for row in history),
-        "samples_per_second": sum(row["samples_per_second"] for row in history) / len(history),
-        "curve": [row["test_accuracy"] for row in history]})
-
-
-class TrialReporter:
-    """fmnist.train.Reporter for one trial: a line per epoch, the epoch's test accuracy to Optuna, and a
-    stop (optuna.TrialPruned) when the pruner says the trial falls behind."""
-
-    def __init__(self, trial, name: str, say=print):
-        self.trial, self.name, self.say = trial, name, say
-        self.history: list[dict] = []
-
-    def note(self, message: str) -> None:
-        self.say(f"{self.name}: note: {message}")
-
-    def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
-        self.epochs = epochs
-
-    def step(self, samples_done: int, loss) -> None: ...
-
-    def epoch_end(self, row: dict) -> None:
-        import optuna
-
-        self.history.append(row)
-        self.say(f"{self.name}: epoch {row['epoch']}/{self.epochs}  test acc {row['test_accuracy']:.2%}  "
-                 f"{row['train_seconds']:.3g} s  {row['samples_per_second']:,.0f} samples/s")
-        self.trial.report(row["test_accuracy"], row["epoch"])
-        if self.trial.should_prune():
-            raise optuna.TrialPruned()
-
-
-class Heartbeat:
-    """While a trial runs, tell a database every HEARTBEAT_SECONDS that its worker lives (a journal file
-    has no heartbeat: there, a dead worker is a process of this machine that is gone)."""
-
-    def __init__(self, study, trial):
-        from optuna.storages import RDBStorage
-
-        self.storage, self.trial_id = study._storage, trial._trial_id
-        self.enabled = isinstance(self.storage, RDBStorage)
-        self.stop = threading.Event()
-
-    def __enter__(self):
-        if self.enabled:
-            self.storage.record_heartbeat(self.trial_id)
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self):
-        while not self.stop.wait(HEARTBEAT_SECONDS):
-            self.storage.record_heartbeat(self.trial_id)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.enabled:
-            self.thread.join()
-        return False
-
-
-def worker_process(url: str | None, name: str, sweep: Sweep, runtime: Runtime, threads: int) -> None:
-    """The body of one of --workers N processes on this machine: torch's threads divided between them."""
-    import sys
-
-    import torch
-
-    torch.set_num_threads(threads)
-    quiet_optuna()
-    try:
-        work(open_study(open_storage(url, runtime.out), name, sweep), sweep, runtime)
-    except KeyboardInterrupt:
-        pass   # the trial was queued again; the parent reports the interruption
-    except FmnistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def quiet_optuna() -> None:
     import warnings
 
@@ -522,26 +258,3 @@ def quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def run_workers(url: str | None, name: str, sweep: Sweep, runtime: Runtime, workers: int) -> None:
-    """--workers N: N processes, each taking trials until none is left."""
-    import multiprocessing
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")   # a fresh interpreter each: no torch state forked
-    processes = [context.Process(target=worker_process, args=(url, name, sweep, runtime, threads))
-                 for _ in range(workers)]
-    for process in processes:
-        process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.join()
-        raise
-    failed = [p.exitcode for p in processes if p.exitcode]
-    if failed:
-        raise FmnistError(f"{len(failed)} of {workers} workers stopped with an error (exit code {failed[0]}); "
-                          "run the same command again to continue the sweep")

@@ -209,7 +209,6 @@ class NaNInEpoch:
 
 def test_a_diverging_run_stops_with_a_command_that_runs_and_keeps_the_last_good_epoch(tmp_path, real_data,
                                                                                        monkeypatch):
-    from fmnist import cli
     from fmnist import train as training
 
     monkeypatch.setattr(training, "train_epoch", NaNInEpoch(training.train_epoch, epoch=2))

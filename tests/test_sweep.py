@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from fmnist import sweep as sweeping
+from fmnist import workers
 from tests import tutorial
 from tests.conftest import run_cli
 from tests.test_robust import one_line_error
@@ -87,20 +88,20 @@ def test_a_grid_runs_every_combination_once_and_a_rerun_trains_nothing(tmp_path,
 def test_an_interrupted_sweep_resumes_the_trial_it_stopped_in(tmp_path, real_data, monkeypatch):
     out = tmp_path / "cut"
     options = ["--lr", "0.01,0.001", "--batch-size", "2000", "--epochs", "2", "--device", "cpu", "--out", out]
-    real_epoch_start = sweeping.TrialReporter.epoch_start
+    real_epoch_start = workers.TrialReporter.epoch_start
 
     def ctrl_c_in_the_second_trial(self, epoch, epochs, samples):
         if self.name == "lr-0.001" and epoch == 2:
             raise KeyboardInterrupt
         real_epoch_start(self, epoch, epochs, samples)
 
-    monkeypatch.setattr(sweeping.TrialReporter, "epoch_start", ctrl_c_in_the_second_trial)
+    monkeypatch.setattr(workers.TrialReporter, "epoch_start", ctrl_c_in_the_second_trial)
     result = run_cli("sweep", *options)
     assert result.exit_code == 130 and "resumes from its last completed epoch" in result.stderr
     first_epoch = metrics(out / "lr-0.001")
     assert len(first_epoch) == 1 and len(metrics(out / "lr-0.01")) == 2
 
-    monkeypatch.setattr(sweeping.TrialReporter, "epoch_start", real_epoch_start)
+    monkeypatch.setattr(workers.TrialReporter, "epoch_start", real_epoch_start)
     result = run_cli("sweep", *options)
     assert result.exit_code == 0, result.output
     assert started(result.stdout) == Counter({"lr-0.001": 1}) and "lr-0.001: resumed" in result.stdout
