@@ -20,6 +20,7 @@ from fmnist import FmnistError
 from fmnist.sweep import (HEARTBEAT_SECONDS, LOG_SCALE, SWEEPABLE, Range, Sweep, flag, open_storage, open_study,
                           quiet_optuna, trial_config)
 
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
