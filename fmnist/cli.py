@@ -43,7 +43,7 @@ class OneLineUsageErrors(typer.core.TyperGroup):
                 out.print(ctx.get_help() if ctx else "", highlight=False)
             else:
                 where = f" (see `{ctx.command_path} --help`)" if ctx else ""
-                err.print(f"[bold red]error:[/] {escape(e.format_message() + where)}", highlight=False, soft_wrap=True)
+                print_error(e.format_message() + where)
             sys.exit(getattr(e, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -59,7 +59,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def print_error(error: FmnistError) -> None:
+def print_error(error: FmnistError | str) -> None:
     """The one line a user sees for a problem they can fix: `error: ...` on stderr, never wrapped."""
     err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)   # [..] is not markup
 
@@ -396,11 +396,11 @@ def _show_sweep(the_study, out_dir: Path) -> None:
     from fmnist import plots, results
     from fmnist.files import prepare_out
     from fmnist.sweep import Sweep
+    from rich import box
 
     prepare_out(out_dir)
     plan = Sweep.from_json(the_study.user_attrs["sweep"])
     rows = results.rows(the_study)
-    from rich import box
 
     table = Table(*plan.swept, "final acc", "best (epoch)", "epochs run", "train s", "samples/s", "state",
                   title=f"fmnist sweep {the_study.study_name}: {len(rows)} trials, best first", box=box.SIMPLE_HEAD)

@@ -66,6 +66,11 @@ def check(config: TrainConfig) -> None:
 LEARNED = ("epochs", "batch_size", "lr", "schedule", "flip", "shift", "label_smoothing", "ema", "seed")
 
 
+def flag(name: str) -> str:
+    """The command-line option of a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def train_command(config: TrainConfig, out: str | None = None) -> str:
     """The `fmnist train` command that trains this config again: the learned options that differ from the
     defaults (on a CPU, with the same threads, the same seed gives the same run)."""
@@ -73,6 +78,6 @@ def train_command(config: TrainConfig, out: str | None = None) -> str:
     for name in LEARNED:
         value = getattr(config, name)
         if value != getattr(default, name):
-            flag = "--" + name.replace("_", "-")
-            words.append((flag if value else f"--no-{name}") if isinstance(value, bool) else f"{flag} {value}")
+            words.append((flag(name) if value else f"--no-{name}") if isinstance(value, bool)
+                         else f"{flag(name)} {value}")
     return " ".join(words + ([f"--out {out}"] if out else []))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fmnist.files import atomic_path
 from fmnist.config import train_command
-from fmnist.sweep import SWEEPABLE, Sweep, trial_config
+from fmnist.sweep import Sweep, trial_config
 
 COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done", "train_seconds",
            "samples_per_second")
@@ -47,6 +47,6 @@ def best(table: list[dict]) -> dict | None:
 
 
 def reproduce(row: dict, sweep: Sweep, out: Path) -> str:
-    params = {name: row[name] for name in SWEEPABLE if name in sweep.swept}
+    params = {name: row[name] for name in sweep.swept}
     again = str(out / f"{row['folder']}-again")
     return train_command(trial_config(params, sweep.fixed, again), again)

@@ -17,18 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist import FmnistError
+from fmnist.config import LEARNED, TrainConfig, flag
 
-# The options a sweep may vary, with their types, in the order of the trial folders' names.
-SWEEPABLE = {"recipe": str, "epochs": int, "batch_size": int, "lr": float, "schedule": str, "flip": bool,
-             "shift": int, "label_smoothing": float, "ema": float, "seed": int}
+# The options a sweep may vary, with their types (the defaults'), in the order of the trial folders' names.
+SWEEPABLE = {"recipe": str, **{name: type(getattr(TrainConfig(), name)) for name in LEARNED}}
 LOG_SCALE = {"lr"}        # rates are searched on a log scale
 JOURNAL = "sweep.journal"  # the default storage, in the sweep's folder
 HEARTBEAT_SECONDS = 20     # a database hears from each worker this often; 3 missed beats: the worker is dead
 BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ---- what a sweep varies -------------------------------------------------------------------------
@@ -110,7 +106,7 @@ class Sweep:
 def make_sweep(values: dict, trials: int | None, prune: bool) -> Sweep:
     """The sweep of the options' values, each checked up front: every grid point and both ends of every
     range must make a config that `fmnist train` accepts."""
-    from fmnist.config import check, recipe
+    from fmnist.config import check
 
     values = {name: v for name, v in values.items() if v is not None}
     sweep = Sweep(values, trials, prune)
@@ -120,11 +116,9 @@ def make_sweep(values: dict, trials: int | None, prune: bool) -> Sweep:
         raise FmnistError("--trials is for a search over ranges (lo..hi); lists run as a grid, each combination once")
     if trials is not None and trials < 1:
         raise FmnistError(f"--trials {trials}: must be 1 or more")
-    for name in values.get("recipe", []):
-        recipe(name)   # an unknown recipe is a one-line error
-    corners = [{n: (v.low, v.high) if isinstance(v, Range) else v for n, v in values.items()}]
-    for params in itertools.product(*(corners[0][n] for n in values)):
-        check(trial_config(dict(zip(values, params)), {}, "."))
+    corners = {n: (v.low, v.high) if isinstance(v, Range) else v for n, v in values.items()}
+    for params in itertools.product(*corners.values()):   # an unknown recipe fails here too, in one line
+        check(trial_config(dict(zip(corners, params)), {}, "."))
     return sweep
 
 
@@ -133,7 +127,7 @@ def folder_name(params: dict) -> str:
     def text(value):
         return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
-    return "_".join(f"{name.replace('_', '-')}-{text(params[name])}" for name in SWEEPABLE if name in params) or "run"
+    return "_".join(f"{flag(name)[2:]}-{text(params[name])}" for name in SWEEPABLE if name in params) or "run"
 
 
 def trial_config(params: dict, fixed: dict, out: str, **runtime):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist import FmnistError
-from fmnist.sweep import (HEARTBEAT_SECONDS, LOG_SCALE, SWEEPABLE, Range, Sweep, flag, open_storage, open_study,
+from fmnist.config import LEARNED, flag
+from fmnist.sweep import (HEARTBEAT_SECONDS, LOG_SCALE, SWEEPABLE, Range, Sweep, open_storage, open_study,
                           quiet_optuna, trial_config)
 
 
@@ -178,8 +179,6 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
 
 
 def _check_same_run(saved: dict, config, out: Path) -> None:
-    from fmnist.config import LEARNED
-
     differ = [name for name in LEARNED if saved.get(name) != getattr(config, name)]
     if differ:
         raise FmnistError(f"{out} holds a run with another {flag(differ[0])} ({saved.get(differ[0])}); move it "
