@@ -133,10 +133,7 @@ class TrainingState:
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, config.lr, total_steps)
         elif config.schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
-        self.ema = None
-        if config.ema:
-            multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema)
-            self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=multi_avg_fn)
+        self.ema = MovingAverage(self.model, config.ema) if config.ema else None
         self.order = torch.Generator(device=device).manual_seed(config.seed)
         # fp16 autocast only: a loss scale against underflowing gradients, which grows as steps go well
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -168,6 +165,37 @@ class TrainingState:
         self.order.set_state(state["order"])
         if self.scaler.is_enabled() and state.get("scaler"):   # older checkpoints and non-fp16 runs have none
             self.scaler.load_state_dict(state["scaler"])
+
+
+class MovingAverage(torch.optim.swa_utils.AveragedModel):
+    """The exponential moving average of a model's weights, as torch's AveragedModel computes it with
+    get_ema_multi_avg_fn(decay): the first update copies the weights, each later one moves the average
+    1 - decay of the way towards them. Its state_dict is AveragedModel's too (n_averaged, module.*), so runs
+    saved before this class existed resume. Only the update is its own: AveragedModel's copies its count
+    (n_averaged, a CPU tensor) to the GPU at every update, and that copy waits for the GPU, a host sync per
+    step. Here the count is a Python int; n_averaged stays on the CPU as its copy for the checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model)   # self.module: a deep copy of model, whose weights become the average
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged, current = list(self.module.parameters()), list(model.parameters())
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1 - self.decay)   # get_ema_multi_avg_fn's own op
+        for kept, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            kept.copy_(buffer)   # buffers are not averaged: they follow the model, as in AveragedModel
+        self.updates += 1
+        self.n_averaged.fill_(self.updates)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        loaded = super().load_state_dict(state_dict, strict, assign)
+        self.updates = int(self.n_averaged)
+        return loaded
 
 
 def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,

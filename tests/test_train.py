@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fmnist import data
-from fmnist.train import evaluate
+from fmnist.model import Network
+from fmnist.train import MovingAverage, evaluate
 from tests import tutorial
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds",
@@ -46,3 +47,47 @@ def test_evaluate_counts_every_test_image(real_data):
         logits = model(images)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-7)
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_moving_average_is_averaged_models_ema_with_its_state_dict():
+    """fmnist's MovingAverage against torch's AveragedModel with get_ema_multi_avg_fn, the one --ema used
+    before: the same average, bit for bit, after every update, and the same state_dict, which loads both
+    ways, so that runs saved with either resume with either."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def torchs(model):
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    def moved(model):   # a training step's worth of change in every weight
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+
+    def same(a: dict, b: dict) -> bool:   # keys in order, then values bit for bit, dtypes, devices, layouts
+        return list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype and
+                                          a[k].stride() == b[k].stride() for k in a)
+
+    def network():
+        return Network().to(memory_format=torch.channels_last)   # as TrainingState makes it
+
+    torch.manual_seed(0)
+    model = network()
+    ours, reference = MovingAverage(model, 0.9), torchs(model)
+    for _ in range(4):   # the first update copies the weights, the later ones average
+        moved(model)
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+        assert same(ours.state_dict(), reference.state_dict())
+    saved = ours.state_dict()
+    assert list(saved)[0] == "n_averaged" and saved["n_averaged"].item() == 4
+    assert {k.removeprefix("module.") for k in list(saved)[1:]} == Network().state_dict().keys()
+
+    # Resumed from the other's state_dict (an older run's checkpoint, and back): both go on alike.
+    resumed, back = MovingAverage(network(), 0.9), torchs(network())
+    resumed.load_state_dict(reference.state_dict())
+    back.load_state_dict(saved)
+    moved(model)
+    for average in (ours, reference, resumed, back):
+        average.update_parameters(model)
+    assert same(resumed.state_dict(), reference.state_dict()) and same(back.state_dict(), reference.state_dict())
+    assert same(ours.state_dict(), reference.state_dict())
