@@ -135,8 +135,9 @@ class TrainingState:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
         self.ema = MovingAverage(self.model, config.ema) if config.ema else None
         self.order = torch.Generator(device=device).manual_seed(config.seed)
-        # fp16 autocast only: a loss scale against underflowing gradients, which grows as steps go well
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        # fp16 autocast only: a loss scale against underflowing gradients, which grows as steps go well.
+        # fmnist takes fp16 on CUDA alone; the CPU's scaler is there for tests/test_cuda.py to run this path.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def network(self) -> Network:
         """The Network to evaluate and to save: the moving average of the weights when there is one."""
