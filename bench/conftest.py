@@ -14,10 +14,8 @@ import torch
 
 import fmnist
 from bench.common import strict_dynamo
-from bench.report import row_order
+from bench.report import BASELINES, row_order, with_ratios
 from fmnist import data
-
-BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +47,6 @@ def fresh_dynamo():
 
 
 # ---- reporting -----------------------------------------------------------------------------------
-
-def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row (group, name, extra_info) plus `ratio`: its samples/s over its baseline's, the baseline being
-    the CPU row of the same group and batch size whose path is BASELINES[group]."""
-    base = {(r["group"], r["extra_info"]["batch_size"]): r["extra_info"]["samples_per_second"]
-            for r in rows if r["extra_info"]["path"] == BASELINES.get(r["group"]) and r["extra_info"]["device"] == "cpu"}
-    for r in rows:
-        baseline = base.get((r["group"], r["extra_info"]["batch_size"]))
-        r["ratio"] = r["extra_info"]["samples_per_second"] / baseline if baseline else None
-    return rows
-
 
 def timed_rows(benchmarks) -> list[dict]:
     rows = [{"group": b["group"], "name": b["name"], "extra_info": b["extra_info"]} for b in benchmarks]

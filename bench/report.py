@@ -1,31 +1,49 @@
-"""Print the results table of a benchmark run as markdown, from pytest-benchmark's JSON file.
+"""Print the results table of a benchmark run as markdown, from pytest-benchmark's JSON files.
 
-    python -m bench.report out.json
+    python -m bench.report out.json [more.json ...]
 
+Several files from one machine make one table (bench/gpu.sh writes one file per path, so that a path cut
+off by its time limit loses only its own rows); each row's ratio is taken to its baseline in any of them.
+An empty or unreadable file (pytest-benchmark writes nothing when no row ran, and truncates the file
+before a run that was then killed) is named below the table and otherwise left out.
 bench/README.md's tables are this script's output, pasted; nothing in them is typed by hand.
 """
 
 import json
 import sys
 
+# The row each ratio is taken to: the CPU row of the same group and batch size with this path.
+BASELINES = {"train": "tutorial DataLoader loop", "inference": "torch eager", "levers": "plain loop"}
 
-def report(run: dict) -> str:
-    machine = run["machine_info"]
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row (group, name, extra_info) plus `ratio`: its samples/s over its baseline's, the baseline being
+    the CPU row of the same group and batch size whose path is BASELINES[group]."""
+    base = {(r["group"], r["extra_info"]["batch_size"]): r["extra_info"]["samples_per_second"]
+            for r in rows if r["extra_info"]["path"] == BASELINES.get(r["group"]) and r["extra_info"]["device"] == "cpu"}
+    for r in rows:
+        baseline = base.get((r["group"], r["extra_info"]["batch_size"]))
+        r["ratio"] = r["extra_info"]["samples_per_second"] / baseline if baseline else None
+    return rows
+
+
+def report(runs: list[dict]) -> str:
+    """The table of all the runs' timed rows; the machine line is the first run's."""
+    machine = runs[0]["machine_info"]
     versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items())
     lines = [
-        f"Measured {run['datetime'][:10]} on {machine['cpu'].get('brand_raw', machine['processor'])}, "
+        f"Measured {runs[0]['datetime'][:10]} on {machine['cpu'].get('brand_raw', machine['processor'])}, "
         f"{machine.get('cores', '?')} cores, GPU: {machine.get('gpu') or 'none'}; {versions}.",
         "",
         "| group | path | device | batch | samples/s | × baseline |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
-    rows = [b for b in run["benchmarks"] if "samples_per_second" in b["extra_info"]]
+    rows = with_ratios([b for run in runs for b in run["benchmarks"] if "samples_per_second" in b["extra_info"]])
     rows.sort(key=row_order)
     for b in rows:
-        info = b["extra_info"]
-        ratio = info.get("ratio_to_baseline")
+        info, ratio = b["extra_info"], f"{b['ratio']:.2f}" if b["ratio"] else "-"
         lines.append(f"| {b['group']} | {info['path']} | {info['device']} | {info['batch_size']} | "
-                     f"{info['samples_per_second']:,.0f} | {f'{ratio:.2f}' if ratio else '-'} |")
+                     f"{info['samples_per_second']:,.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -35,8 +53,20 @@ def row_order(b: dict):
     return b["group"], info["batch_size"], info.get("order", 0), -info["samples_per_second"]
 
 
+def main(paths: list[str]) -> None:
+    runs, empty = [], []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError):   # ValueError: JSON's decode error
+            empty.append(path)
+    print(report(runs) if runs else "No benchmark rows: no file holds any.")
+    if empty:
+        print(f"\nNo rows (none ran, or the run was cut off): {', '.join(empty)}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.report BENCHMARK.json")
-    with open(sys.argv[1]) as f:
-        print(report(json.load(f)))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m bench.report BENCHMARK.json [MORE.json ...]")
+    main(sys.argv[1:])

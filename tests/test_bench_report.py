@@ -1,0 +1,33 @@
+"""bench/report.py: the table of several benchmark files, as bench/gpu.sh writes them (one per path)."""
+
+import json
+
+from bench import report
+
+MACHINE = {"cpu": {"brand_raw": "Some CPU"}, "processor": "x86_64", "cores": 16, "gpu": "Some GPU",
+           "versions": {"torch": "2.11.0"}}
+
+
+def run(*rows) -> dict:
+    """A pytest-benchmark JSON file's content, with rows (group, path, device, batch size, samples/s)."""
+    return {"machine_info": MACHINE, "datetime": "2026-11-27T12:00:00", "benchmarks": [
+        {"group": group, "name": f"{path}-{device}-{batch}", "extra_info": {
+            "path": path, "device": device, "batch_size": batch, "samples_per_second": speed}}
+        for group, path, device, batch, speed in rows]}
+
+
+def test_ratios_are_taken_to_the_baseline_in_another_file(tmp_path, capsys):
+    cuda = tmp_path / "bench-train-eager.json"
+    cuda.write_text(json.dumps(run(("train", "fmnist loop, eager", "cuda", 100, 300_000),
+                                   ("train", "fmnist loop, eager", "cuda", 1000, 900_000))))
+    baseline = tmp_path / "bench-train-baseline.json"
+    baseline.write_text(json.dumps(run(("train", "tutorial DataLoader loop", "cpu", 100, 20_000))))
+    cut_off = tmp_path / "bench-train-compiled.json"
+    cut_off.write_text("")   # pytest-benchmark truncates the file first: a run killed by its limit leaves it so
+    report.main([str(cuda), str(baseline), str(cut_off)])
+    table = capsys.readouterr().out
+    assert "16 cores, GPU: Some GPU; torch 2.11.0." in table
+    assert "| train | fmnist loop, eager | cuda | 100 | 300,000 | 15.00 |" in table
+    assert "| train | fmnist loop, eager | cuda | 1000 | 900,000 | - |" in table   # no baseline at batch 1000
+    assert "| train | tutorial DataLoader loop | cpu | 100 | 20,000 | 1.00 |" in table
+    assert f"No rows (none ran, or the run was cut off): {cut_off}" in table
