@@ -4,7 +4,7 @@ Importing this package is cheap: nothing here imports torch. The modules that ne
 (model, train, export) import it themselves, and the CLI imports them only inside its commands.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class FmnistError(Exception):

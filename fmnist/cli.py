@@ -203,12 +203,15 @@ def export_command(
     if not onnx:
         raise FmnistError("say which format: `fmnist export --onnx` (ONNX is the one format for now)")
     from fmnist.export import TOLERANCE, export_onnx
+    from fmnist.ood import KEEP
 
     verification = export_onnx(checkpoint, output, data_dir)
     diffs = ", ".join(f"batch {size}: {diff:.1e}" for size, diff in verification.max_abs_diff.items())
     out.print(f"verified against torch on the 10,000 test images (max abs difference of logits {diffs}; "
               f"tolerance {TOLERANCE:.0e}; same predicted classes)", highlight=False, soft_wrap=True)
     out.print(f"onnxruntime test accuracy {verification.accuracy:.2%}", highlight=False)
+    out.print(f"out-of-distribution threshold {verification.threshold:.3g}: keeps {KEEP:.0%} of the training images, "
+              f"flags {verification.flagged:.1%} of the test images", highlight=False, soft_wrap=True)
     out.print(f"wrote {output}", highlight=False)
 
 
@@ -233,9 +236,18 @@ def evaluate(
     if plot:
         file_target(plot, "--plot", PICTURES)
 
+    flagged = None   # the share of test images flagged as not Fashion-MNIST: the ONNX model's score only
     if onnx:
         sess, model = runtime.session(onnx), str(onnx)
-        classify = lambda images: runtime.logits(sess, images).argmax(axis=1)   # noqa: E731
+        threshold = runtime.ood_threshold(sess)
+        if threshold is None:
+            _note(runtime.CANNOT_FLAG)
+
+        def classify(images):
+            nonlocal flagged
+            logits, scores = runtime.run(sess, images)
+            flagged = float((scores > threshold).mean()) if threshold is not None else None
+            return logits.argmax(axis=1)
     else:
         import torch
         from fmnist.checkpoint import load_network
@@ -247,9 +259,12 @@ def evaluate(
     test = data.load("test", data_dir)
     result = runtime.evaluation(test.labels, classify(runtime.to_model_input(test.images)))
     if as_json:
-        out.print_json(data={"model": model, **result.as_dict(CLASSES)})
+        out.print_json(data={"model": model, **result.as_dict(CLASSES), "out_of_distribution_rate": flagged})
     else:
         _print_evaluation(model, result, CLASSES)
+        if flagged is not None:
+            out.print(f"flagged as not Fashion-MNIST items: {flagged:.1%} of the test images (the threshold keeps "
+                      "95% of the training images)", highlight=False, soft_wrap=True)
     if plot:
         from fmnist import plots
 
@@ -291,24 +306,37 @@ def predict(
     if top < 1:
         raise FmnistError(f"--top {top}: must be 1 or more")
     sess = runtime.session(onnx)
+    if runtime.ood_threshold(sess) is None:
+        _note(runtime.CANNOT_FLAG)
     results, failed = [], 0
     for path in images:
         try:
             image, negated = runtime.load_image(path, invert)
-            ranked = runtime.top_classes(sess, image, top)
+            [prediction] = runtime.predictions(sess, image, top)
         except FmnistError as e:
             print_error(e)
             failed += 1
             continue
-        results.append({"image": str(path), "negated": negated,
-                        "top": [{"class": name, "probability": p} for name, p in ranked]})
+        results.append({"image": str(path), "negated": negated, **prediction})
         if not as_json:
-            out.print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked)
-                      + ("  (negated: light background)" if negated else ""), highlight=False, soft_wrap=True)
+            _print_prediction(path, negated, prediction)
     if as_json:
         out.print_json(data=results)
     if failed:
         raise typer.Exit(1)
+
+
+def _print_prediction(path: Path, negated: bool, prediction: dict) -> None:
+    line = f"{escape(str(path))}: " + ", ".join(f"{row['class']} {row['probability']:.1%}" for row in prediction["top"])
+    if negated:
+        line += "  (negated: light background)"
+    if prediction["out_of_distribution"]:
+        line += "  [bold yellow]does not look like a Fashion-MNIST item[/]"
+    out.print(line, highlight=False, soft_wrap=True)
+
+
+def _note(message: str) -> None:
+    err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 SweepValues = Annotated[Optional[str], typer.Option(metavar="LIST|RANGE")]
@@ -432,7 +460,7 @@ class RichReporter:
         self.progress = None
 
     def note(self, message: str) -> None:
-        err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        _note(message)
 
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
         self.epoch, self.epochs = epoch, epochs

@@ -27,6 +27,10 @@ class Network(nn.Module):
         self.out = nn.Linear(in_features=60, out_features=10)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convolutions(t))           # (N, 10) logits, no softmax
+
+    def convolutions(self, t: torch.Tensor) -> torch.Tensor:
+        """conv1 and conv2, each with its max-pool and ReLU: (N, 1, 28, 28) in, (N, 192) out."""
         # The tutorial applies ReLU before each max-pool. Max commutes with ReLU (both keep order), so ReLU
         # after the pool gives the very same numbers, and the same gradients, with a quarter of the ReLU
         # work. What it is worth is measured by bench/test_levers.py (figures in bench/README.md).
@@ -34,7 +38,10 @@ class Network(nn.Module):
         t = F.relu(t)
         t = F.max_pool2d(self.conv2(t), kernel_size=2, stride=2)    # (N, 12, 4, 4)
         t = F.relu(t)
-        t = t.reshape(-1, 12 * 4 * 4)                    # (N, 192)
+        return t.reshape(-1, 12 * 4 * 4)                 # (N, 192)
+
+    def head(self, t: torch.Tensor) -> torch.Tensor:
+        """The three linear layers: (N, 192) in, (N, 10) logits out."""
         t = F.relu(self.fc1(t))                          # (N, 120)
         t = F.relu(self.fc2(t))                          # (N, 60)
         return self.out(t)                               # (N, 10) logits, no softmax

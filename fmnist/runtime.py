@@ -43,11 +43,34 @@ def class_names(sess) -> list[str]:
     return json.loads(names)
 
 
+def run(sess, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (N, 10) and ood_score (N,) for float32 images (N, 1, 28, 28) with pixels in [0, 1], run
+    `batch_size` at a time. The score is None for a model exported without it (fmnist before 0.2)."""
+    name, outputs = sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()]
+    wanted = outputs[:1] + (["ood_score"] if "ood_score" in outputs else [])
+    results = [sess.run(wanted, {name: images[i:i + batch_size]}) for i in range(0, len(images), batch_size)]
+    scores = np.concatenate([r[1] for r in results]) if len(wanted) == 2 else None
+    return np.concatenate([r[0] for r in results]), scores
+
+
 def logits(sess, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Logits (N, 10) for float32 images (N, 1, 28, 28) with pixels in [0, 1], run `batch_size` at a time."""
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i:i + batch_size]})[0]
+    """Logits (N, 10) alone (onnxruntime then runs only the nodes they need)."""
+    name, output = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    return np.concatenate([sess.run([output], {name: images[i:i + batch_size]})[0]
                            for i in range(0, len(images), batch_size)])
+
+
+def ood_threshold(sess) -> float | None:
+    """The ood_score above which an image is not a Fashion-MNIST item (stored at export), or None for a model
+    that cannot tell."""
+    threshold = sess.get_modelmeta().custom_metadata_map.get("ood_threshold")
+    if threshold is None or "ood_score" not in [o.name for o in sess.get_outputs()]:
+        return None
+    return float(threshold)
+
+
+CANNOT_FLAG = ("this model cannot flag images that are not Fashion-MNIST items (exported by an older fmnist); "
+               "export it again with `fmnist export --onnx` to get that")
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -152,8 +175,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def top_classes(sess, image: np.ndarray, k: int = 3) -> list[tuple[str, float]]:
-    """The k most probable classes of one image, as (name, probability), most probable first."""
-    probabilities = softmax(logits(sess, image)[0])
-    names = class_names(sess)
-    return [(names[i], float(probabilities[i])) for i in np.argsort(-probabilities)[:k]]
+def predictions(sess, images: np.ndarray, k: int = 3) -> list[dict]:
+    """For each image (N, 1, 28, 28): its k most probable classes, most probable first, and whether it is out of
+    Fashion-MNIST's distribution with its ood_score (both None where the model cannot tell)."""
+    all_logits, scores = run(sess, images)
+    names, threshold = class_names(sess), ood_threshold(sess)
+    results = []
+    for i, probabilities in enumerate(softmax(all_logits)):
+        top = [{"class": names[j], "probability": float(probabilities[j])} for j in np.argsort(-probabilities)[:k]]
+        score = float(scores[i]) if threshold is not None else None
+        results.append({"top": top, "out_of_distribution": score > threshold if score is not None else None,
+                        "ood_score": score})
+    return results
