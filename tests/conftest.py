@@ -17,6 +17,15 @@ def trained(real_data, tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="session")
+def exported(trained):
+    """The trained run exported through the CLI: (path of the ONNX model, the command's Result)."""
+    out, _ = trained
+    result = run_cli("export", "--onnx", "--checkpoint", out / "fmnist.pt", "--output", out / "m.onnx")
+    assert result.exit_code == 0, result.output
+    return out / "m.onnx", result
+
+
 def run_cli(*args: str):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr, output)."""
     from fmnist.cli import app

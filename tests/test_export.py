@@ -13,14 +13,7 @@ from fmnist import FmnistError, data, export
 from fmnist.model import CLASSES
 from tests import tutorial
 from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def exported(trained):
-    out, _ = trained
-    result = run_cli("export", "--onnx", "--checkpoint", out / "fmnist.pt", "--output", out / "m.onnx")
-    assert result.exit_code == 0, result.output
-    return out / "m.onnx", result
+from tests.images import product_photo
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +50,16 @@ def test_onnxruntime_matches_the_tutorial_class_on_every_test_image(exported, tr
 
 def test_dynamic_batch_axis_and_metadata(exported):
     model = onnx.load(str(exported[0]))
-    (images,), (logits,) = model.graph.input, model.graph.output
-    assert images.name == "images" and logits.name == "logits"
+    (images,), (logits, score) = model.graph.input, model.graph.output
+    assert images.name == "images" and logits.name == "logits" and score.name == "ood_score"   # logits first
     assert images.type.tensor_type.shape.dim[0].dim_param          # symbolic, not a fixed size
     assert [d.dim_value for d in images.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES) and "[0, 1]" in meta["input"]
     sess = fresh_session(exported[0])
     for n in (2, 5, 128):
-        assert sess.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
+        logits, scores = sess.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})
+        assert logits.shape == (n, 10) and scores.shape == (n,)
 
 
 def test_failed_verification_keeps_nothing_new_and_loses_nothing(trained, tmp_path, monkeypatch):
@@ -134,22 +128,6 @@ def test_predict_negates_by_the_background_and_the_flags_override(exported, pngs
     assert rows["dark.png"]["top"][0] == pytest.approx(rows[pngs[0].name]["top"][0])   # the same input, in the end
     forced = run_cli("predict", dark_on_light, "--no-invert", "--onnx", exported[0], "--json")
     assert json.loads(forced.stdout)[0]["negated"] is False
-
-
-def product_photo(image: np.ndarray, path, scale=10, margins=(70, 25), mode="RGB", alpha=False):
-    """A test image as a product photo: a dark garment on a white background, larger, with margins."""
-    garment = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
-    photo = Image.new("L", (28 * scale + 2 * margins[0], 28 * scale + 2 * margins[1]), 255)
-    photo.paste(garment, margins)
-    if alpha:   # a cut-out: the background transparent, and black (not white) under the transparency
-        opaque = Image.fromarray(((np.asarray(photo) < 250) * 255).astype(np.uint8))
-        photo = Image.merge("RGBA", [Image.eval(photo, lambda v: 0 if v >= 250 else v)] * 3 + [opaque])
-    elif mode == "I;16":
-        photo = Image.fromarray((np.asarray(photo).astype(np.uint16) * 257))   # 16-bit: 0..65535
-    else:
-        photo = photo.convert(mode)
-    photo.save(path, **({"quality": 90} if str(path).endswith(".jpg") else {}))
-    return path
 
 
 @pytest.mark.parametrize("name, options", [

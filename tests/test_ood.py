@@ -1,0 +1,126 @@
+"""Images that are not Fashion-MNIST items are flagged; Fashion-MNIST's own, and photos made from them, are not.
+
+The model is the shared one-epoch run (tests/conftest.py), exported through the CLI; the images that are not
+garments are made here (tests/images.py), never downloaded. The bounds are the issue's: at most 6% of the
+test images and 10% of the product photos flagged, at least 90% of each set of non-garments.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+
+from fmnist import data, ood, runtime
+from fmnist.checkpoint import load_network
+from fmnist.export import METADATA, to_onnx
+from tests.conftest import run_cli
+from tests.images import NOT_GARMENTS, not_garments, product_photo
+
+PER_SET = 100
+
+
+def threshold_of(path) -> float:
+    return float({p.key: p.value for p in onnx.load(str(path)).metadata_props}["ood_threshold"])
+
+
+def predict_json(paths, model) -> list[dict]:
+    result = run_cli("predict", *paths, "--onnx", model, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_threshold_keeps_95_percent_of_the_training_images(exported, real_data):
+    path, result = exported
+    train = data.load("train", download=False)
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, scores = sess.run(None, {"images": runtime.to_model_input(train.images)})
+    kept = (scores <= threshold_of(path)).mean()
+    assert kept == pytest.approx(ood.KEEP, abs=0.001)
+    assert f"out-of-distribution threshold {threshold_of(path):.3g}: keeps 95%" in result.stdout
+
+
+def test_fashion_mnist_test_images_are_rarely_flagged(exported):
+    result = run_cli("evaluate", "--onnx", exported[0], "--json")
+    assert result.exit_code == 0, result.output
+    rate = json.loads(result.stdout)["out_of_distribution_rate"]
+    assert 0 < rate <= 0.06, rate                  # 0 would mean a threshold that flags nothing at all
+    human = run_cli("evaluate", "--onnx", exported[0])
+    assert f"flagged as not Fashion-MNIST items: {rate:.1%} of the test images" in human.stdout
+
+
+def test_product_photos_of_test_images_are_rarely_flagged(exported, real_data, tmp_path):
+    test = data.load("test", download=False)
+    photos = [product_photo(test.images[i], tmp_path / f"{i}.jpg") for i in range(PER_SET)]
+    flagged = sum(row["out_of_distribution"] for row in predict_json(photos, exported[0]))
+    assert flagged <= 0.10 * PER_SET, f"{flagged} of {PER_SET} flagged"
+
+
+@pytest.mark.parametrize("name", list(NOT_GARMENTS))
+def test_images_that_are_not_garments_are_flagged(exported, tmp_path, name):
+    paths = []
+    for i, image in enumerate(not_garments(name, PER_SET, seed=1)):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    rows = predict_json(paths, exported[0])
+    flagged = sum(row["out_of_distribution"] for row in rows)
+    assert flagged >= 0.90 * PER_SET, f"{name}: {flagged} of {PER_SET} flagged"
+    assert all(len(row["top"]) == 3 for row in rows)          # the classes are still given
+
+
+def test_predict_says_it_in_plain_words(exported, tmp_path, real_data):
+    garment, noise = tmp_path / "garment.png", tmp_path / "noise.png"
+    Image.fromarray(data.load("test", download=False).images[0]).save(garment)
+    not_garments("noise", 1)[0].save(noise)
+    result = run_cli("predict", garment, noise, "--onnx", exported[0])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert "does not look like a Fashion-MNIST item" in lines[str(noise)]
+    assert "does not look like" not in lines[str(garment)] and "%" in lines[str(noise)]
+
+
+def test_the_score_is_the_mahalanobis_distances_written_plainly(trained, real_data):
+    """The whitened, expanded and batched forms of the Detector against the textbook formulas in float64."""
+    network = load_network(trained[0] / "fmnist.pt")
+    train, test = data.load("train", download=False), data.load("test", download=False)
+    x, y = runtime.to_model_input(train.images[:12_000]), train.labels[:12_000]
+    detector, _ = ood.fit(network, x, y)
+    images = runtime.to_model_input(test.images[:50])
+    with torch.inference_mode():
+        _, pixels, conv = (t.double().numpy() for t in detector.parts(torch.from_numpy(images)))
+
+    flat, px = images.reshape(50, -1).astype(np.float64), x.reshape(len(x), -1).astype(np.float64)
+    means = np.stack([px[y == c].mean(0) for c in range(10)])
+    centred = px - means[y]
+    precision = np.linalg.inv(ood.regularised(centred.T @ centred / len(px), ood.PIXEL_RIDGE))
+    expected = np.min([np.einsum("ni,ij,nj->n", flat - m, precision, flat - m) for m in means], axis=0)
+    np.testing.assert_allclose(pixels, expected, rtol=1e-3)
+
+    with torch.inference_mode():
+        h_train = network.convolutions(torch.from_numpy(x)).double().numpy()
+        h = network.convolutions(torch.from_numpy(images)).double().numpy()
+    per_class = []
+    for c in range(10):
+        covariance = ood.regularised(np.cov(h_train[y == c].T, bias=True), ood.CONV_RIDGE)
+        d = h - h_train[y == c].mean(0)
+        per_class.append(np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d) + np.linalg.slogdet(covariance)[1])
+    np.testing.assert_allclose(conv, np.min(per_class, axis=0), rtol=1e-3, atol=1e-2)
+
+
+def test_a_model_exported_without_the_score_still_predicts_with_a_note(trained, tmp_path, real_data):
+    old = tmp_path / "old.onnx"
+    proto = to_onnx(load_network(trained[0] / "fmnist.pt"))   # the Network alone, as fmnist 0.1 exported it
+    assert [o.name for o in proto.graph.output] == ["logits"] and {p.key for p in proto.metadata_props} == set(METADATA)
+    onnx.save(proto, old)
+    image = tmp_path / "garment.png"
+    Image.fromarray(data.load("test", download=False).images[0]).save(image)
+    result = run_cli("predict", image, "--onnx", old, "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == f"note: {runtime.CANNOT_FLAG}"
+    [row] = json.loads(result.stdout)
+    assert row["out_of_distribution"] is None and row["ood_score"] is None and len(row["top"]) == 3
+    evaluated = run_cli("evaluate", "--onnx", old, "--json")
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["out_of_distribution_rate"] is None
