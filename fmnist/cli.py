@@ -236,7 +236,7 @@ def evaluate(
     if plot:
         file_target(plot, "--plot", PICTURES)
 
-    flagged = None   # the share of test images flagged as not Fashion-MNIST: the ONNX model's score only
+    # classify(images) -> (predicted classes, the share flagged as not Fashion-MNIST: the ONNX model's score only)
     if onnx:
         sess, model = runtime.session(onnx), str(onnx)
         threshold = runtime.ood_threshold(sess)
@@ -244,10 +244,8 @@ def evaluate(
             _note(runtime.CANNOT_FLAG)
 
         def classify(images):
-            nonlocal flagged
             logits, scores = runtime.run(sess, images)
-            flagged = float((scores > threshold).mean()) if threshold is not None else None
-            return logits.argmax(axis=1)
+            return logits.argmax(axis=1), float((scores > threshold).mean()) if threshold is not None else None
     else:
         import torch
         from fmnist.checkpoint import load_network
@@ -255,16 +253,16 @@ def evaluate(
 
         checkpoint = checkpoint or Path("export/fmnist.pt")
         network, model = load_network(checkpoint), str(checkpoint)
-        classify = lambda images: infer(network, torch.from_numpy(images)).argmax(dim=1).numpy()   # noqa: E731
+        classify = lambda images: (infer(network, torch.from_numpy(images)).argmax(dim=1).numpy(), None)   # noqa: E731
     test = data.load("test", data_dir)
-    result = runtime.evaluation(test.labels, classify(runtime.to_model_input(test.images)))
+    predicted, flagged = classify(runtime.to_model_input(test.images))
+    result = runtime.evaluation(test.labels, predicted)
     if as_json:
         out.print_json(data={"model": model, **result.as_dict(CLASSES), "out_of_distribution_rate": flagged})
     else:
         _print_evaluation(model, result, CLASSES)
         if flagged is not None:
-            out.print(f"flagged as not Fashion-MNIST items: {flagged:.1%} of the test images (the threshold keeps "
-                      "95% of the training images)", highlight=False, soft_wrap=True)
+            out.print(f"flagged as not Fashion-MNIST items: {flagged:.1%} of the test images", highlight=False)
     if plot:
         from fmnist import plots
 
@@ -327,7 +325,8 @@ def predict(
 
 
 def _print_prediction(path: Path, negated: bool, prediction: dict) -> None:
-    line = f"{escape(str(path))}: " + ", ".join(f"{row['class']} {row['probability']:.1%}" for row in prediction["top"])
+    line = f"{escape(str(path))}: " + ", ".join(f"{row['class']} {row['probability']:.1%}"
+                                               for row in prediction["top"])
     if negated:
         line += "  (negated: light background)"
     if prediction["out_of_distribution"]:
