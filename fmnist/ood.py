@@ -39,8 +39,12 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pixels, conv = self.parts(images)
-        return logits, torch.maximum((pixels - self.pixel_scale[0]) / self.pixel_scale[1],
-                                     (conv - self.conv_scale[0]) / self.conv_scale[1])
+        return logits, self.score(pixels, conv)
+
+    def score(self, pixels: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        """The two parts, each put on the common scale, and the larger of the two."""
+        return torch.maximum((pixels - self.pixel_scale[0]) / self.pixel_scale[1],
+                             (conv - self.conv_scale[0]) / self.conv_scale[1])
 
     def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logits, and the two parts of the score, each on its own scale: (N, 10), (N,), (N,)."""
@@ -91,14 +95,12 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
     detector = Detector(network, fitted).eval()
 
     # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
-    parts = [torch.cat(p).double().numpy() for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
-                                                          for i in range(0, len(x), BATCH)))]
-    scaled = []
-    for name, values in zip(("pixel_scale", "conv_scale"), parts):
-        median, high = np.quantile(values, [0.5, 0.95])
+    pixel_part, conv_part = (torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
+                                                        for i in range(0, len(x), BATCH))))
+    for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
+        median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
         getattr(detector, name).copy_(torch.tensor([median, high - median]))
-        scaled.append((values - median) / (high - median))
-    return detector, float(np.quantile(np.maximum(*scaled), KEEP))
+    return detector, float(np.quantile(detector.score(pixel_part, conv_part).double().numpy(), KEEP))
 
 
 def shared_covariance(x: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ Every maker takes a numpy Generator and returns a PIL image of its own size and 
 would be; the tests save them and run them through `fmnist predict`'s preparation.
 """
 
+import functools
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -41,19 +43,18 @@ def _colour(rng) -> tuple[int, int, int]:
 def digit(rng) -> Image.Image:
     """A handwritten digit from scikit-learn's bundled set (8 x 8, 17 levels), enlarged: dark ink on paper,
     or light on dark, as a person might photograph or draw one."""
-    from sklearn.datasets import load_digits
-
-    images = _digits(load_digits)
+    images = _digit_images()
     ink = images[rng.integers(len(images))] * (255 / 16)
     pixels = 255 - ink if rng.random() < 0.5 else ink
     side = int(rng.integers(32, 200))
     return Image.fromarray(pixels.round().astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
 
 
-def _digits(load_digits, cache={}) -> np.ndarray:   # noqa: B006  (loaded once per process)
-    if "images" not in cache:
-        cache["images"] = load_digits().images
-    return cache["images"]
+@functools.cache
+def _digit_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
 
 
 WORDS = ("fmnist", "Hello", "A", "k", "Q7", "SALE", "ONNX", "zebra", "42", "torch", "x", "Wq")
@@ -107,19 +108,18 @@ def checkerboard(rng) -> Image.Image:
 
 def photo_crop(rng) -> Image.Image:
     """A random crop of one of the two photos that ship with scikit-learn (a temple, a flower)."""
-    from sklearn.datasets import load_sample_images
-
-    photos = _photos(load_sample_images)
+    photos = _photos()
     photo = photos[rng.integers(len(photos))]
     h, w = int(rng.integers(30, photo.shape[0])), int(rng.integers(30, photo.shape[1]))
     top, left = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
     return Image.fromarray(photo[top:top + h, left:left + w])
 
 
-def _photos(load_sample_images, cache={}) -> list[np.ndarray]:   # noqa: B006  (loaded once per process)
-    if "images" not in cache:
-        cache["images"] = load_sample_images().images
-    return cache["images"]
+@functools.cache
+def _photos() -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images
 
 
 NOT_GARMENTS = {
