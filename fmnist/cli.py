@@ -197,14 +197,21 @@ def export_command(
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format for now).")] = False,
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint written by `fmnist train`.")] = Path("export/fmnist.pt"),
     output: Annotated[Path, typer.Option(help="Where the ONNX model goes.")] = Path("export/fmnist.onnx"),
+    triton: Annotated[Optional[Path], typer.Option(metavar="DIR", help=(
+        "Also write a Triton model repository for the ONNX model into this folder: DIR/fmnist."))] = None,
     data_dir: DataDir = None,
 ):
     """Export a trained Network to one self-contained ONNX file, verified on the test set before it is kept."""
+    if triton and not onnx:
+        raise FmnistError("--triton writes a Triton model repository for the ONNX model: add --onnx")
     if not onnx:
         raise FmnistError("say which format: `fmnist export --onnx` (ONNX is the one format for now)")
     from fmnist.export import TOLERANCE, export_onnx
     from fmnist.ood import KEEP
 
+    if triton:
+        from fmnist.triton import check_target, write_model_repository
+        check_target(triton)   # refused before the export, not after its minute of work
     verification = export_onnx(checkpoint, output, data_dir)
     diffs = ", ".join(f"batch {size}: {diff:.1e}" for size, diff in verification.max_abs_diff.items())
     out.print(f"verified against torch on the 10,000 test images (max abs difference of logits {diffs}; "
@@ -213,6 +220,9 @@ def export_command(
     out.print(f"out-of-distribution threshold {verification.threshold:.3g}: keeps {KEEP:.0%} of the training images, "
               f"flags {verification.flagged:.1%} of the test images", highlight=False, soft_wrap=True)
     out.print(f"wrote {output}", highlight=False)
+    if triton:
+        out.print(f"wrote the Triton model repository {write_model_repository(output, triton)} "
+                  f"(serve it with: tritonserver --model-repository={triton})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -336,6 +346,38 @@ def _print_prediction(path: Path, negated: bool, prediction: dict) -> None:
 
 def _note(message: str) -> None:
     err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def serve(
+    onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path("export/fmnist.onnx"),
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes, each with its share of the cores.")] = 1,
+    max_batch: Annotated[int, typer.Option(help="Most images in one onnxruntime run, from requests that arrive "
+                                           "together (dynamic batching); 1 turns it off.")] = 256,
+    max_delay_ms: Annotated[float, typer.Option(help="How long a run waits for more requests after the first.")] = 0.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 32.0,
+):
+    """Answer requests over HTTP with onnxruntime (no torch): the KServe v2 / Triton protocol at /v2, image
+    files at /predict, a page for people at /, Prometheus metrics at /metrics."""
+    try:
+        from fmnist import serve as server
+    except ImportError as e:
+        raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist\\[serve]\"") from None
+    for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1), ("--port", port, 0)):
+        if value < least:
+            raise FmnistError(f"{name} {value}: must be {least} or more")
+    if max_delay_ms < 0 or max_body_mb <= 0:
+        raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
+    settings = server.Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms,
+                               max_body_mb=max_body_mb)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    started = lambda: out.print(f"serving {onnx} at {url}  (the page at /, KServe v2 at /v2, metrics at /metrics; "   # noqa: E731
+                                "Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    server.serve(settings, host, port, workers, on_start=started)
+    out.print("stopped", highlight=False)
 
 
 SweepValues = Annotated[Optional[str], typer.Option(metavar="LIST|RANGE")]

@@ -102,7 +102,8 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 
 
-def load_image(path: str | Path, invert: bool | None = None) -> tuple[np.ndarray, bool]:
+def load_image(path, invert: bool | None = None, name: str | None = None,
+               max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
     """An image file of any size and mode as a model input (1, 1, 28, 28), prepared the way Fashion-MNIST's
     images were made from product photos (Xiao et al. 2017, section 2): trim the edges that are close to the
     corner colour, resize the longest edge to 28, sharpen, centre on a 28 x 28 canvas, negate, 8-bit grey.
@@ -111,8 +112,12 @@ def load_image(path: str | Path, invert: bool | None = None) -> tuple[np.ndarray
     common case) is negated, so that it becomes a light garment on a dark background as in Fashion-MNIST; a
     dark one is not. invert=True or False overrides that. An image of 28 x 28 is taken as already made that
     way (a Fashion-MNIST image): only the negating applies. Returns (input, whether it was negated).
+
+    path: a file's path, or an open binary file (an upload; `name` is then what errors call it). max_pixels:
+    refuse larger images before decoding them (a server's guard against decompression bombs); None for PIL's
+    own limit.
     """
-    gray, light = _decode(path, invert)
+    gray, light = _decode(path, invert, name or str(path), max_pixels)
     negate = light if invert is None else invert
     if gray.shape != (28, 28):
         gray = _fashion_mnist_geometry(gray)
@@ -120,7 +125,7 @@ def load_image(path: str | Path, invert: bool | None = None) -> tuple[np.ndarray
     return to_model_input(np.clip(pixels, 0, 255).round().astype(np.uint8)[None]), negate
 
 
-def _decode(path, invert: bool | None) -> tuple[np.ndarray, bool]:
+def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> tuple[np.ndarray, bool]:
     """The image as float grey levels 0..255 (H, W), and whether its border is light. Transparency is laid
     on the background first (white, or black under --no-invert), so the colour stored under transparent
     pixels plays no part; 16-bit, 32-bit and float images are scaled by their range, not clipped."""
@@ -128,15 +133,18 @@ def _decode(path, invert: bool | None) -> tuple[np.ndarray, bool]:
 
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise FmnistError(f"{name}: {image.width} x {image.height} pixels is more than this accepts "
+                                  f"({max_pixels:,} pixels); scale it down first")
             image = ImageOps.exif_transpose(image)
             image.load()
     except Image.DecompressionBombError:
-        raise FmnistError(f"{path}: too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+        raise FmnistError(f"{name}: too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
                           "scale it down first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         reason = ("not an image file PIL can decode" if isinstance(e, UnidentifiedImageError)
                   else getattr(e, "strerror", None) or str(e))
-        raise FmnistError(f"{path}: cannot read this image ({reason})") from None
+        raise FmnistError(f"{name}: cannot read this image ({reason})") from None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (0, 0, 0, 255) if invert is False else (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
@@ -178,7 +186,12 @@ def predictions(sess, images: np.ndarray, k: int = 3) -> list[dict]:
     """For each image (N, 1, 28, 28): its k most probable classes, most probable first, and whether it is out of
     Fashion-MNIST's distribution with its ood_score (both None where the model cannot tell)."""
     all_logits, scores = run(sess, images)
-    names, threshold = class_names(sess), ood_threshold(sess)
+    return predictions_from(all_logits, scores, class_names(sess), ood_threshold(sess), k)
+
+
+def predictions_from(all_logits: np.ndarray, scores: np.ndarray | None, names: list[str], threshold: float | None,
+                     k: int = 3) -> list[dict]:
+    """`predictions` from outputs already computed (the server's batches)."""
     results = []
     for i, probabilities in enumerate(softmax(all_logits)):
         top = [{"class": names[j], "probability": float(probabilities[j])} for j in np.argsort(-probabilities)[:k]]

@@ -1,0 +1,107 @@
+"""Dynamic batching, like Triton's dynamic batcher: requests that arrive together share one onnxruntime run.
+
+Each request puts its images in a queue and awaits its own slice of the outputs. One task takes what is
+queued, up to `max_batch` images, waiting at most `max_delay` seconds after the first for more to arrive, and
+runs the model once on all of them in a worker thread, so the event loop keeps reading requests meanwhile.
+With max_delay 0 nothing waits: requests that queued while the previous run was busy still go together.
+"""
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The queue is full: the server answers 503 with Retry-After rather than holding ever more memory."""
+
+
+@dataclass
+class _Waiting:
+    images: np.ndarray
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """run(images) -> tuple of output arrays, each with one row per image, called with up to max_batch images
+    (more when one request alone has more). observe(batch_size, queue_seconds) is told about every run."""
+
+    def __init__(self, run: Callable[[np.ndarray], tuple], max_batch: int, max_delay: float, max_queue: int,
+                 observe: Callable[[int, list[float]], None] = lambda size, waits: None):
+        self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
+        self.observe = observe
+        self.waiting: deque[_Waiting] = deque()
+        self.queued = 0                  # images in the queue
+        self.arrived = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def __call__(self, images: np.ndarray) -> tuple:
+        """This request's outputs. Raises Overloaded when its images would not fit in the queue."""
+        if self.queued + len(images) > self.max_queue:
+            raise Overloaded(f"{self.queued} images are waiting (at most {self.max_queue})")
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve())
+        item = _Waiting(images, asyncio.get_running_loop().create_future())
+        self.waiting.append(item)
+        self.queued += len(images)
+        self.arrived.set()
+        return await item.future
+
+    async def _serve(self) -> None:
+        while True:
+            if not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            if self.max_delay > 0 and self.queued < self.max_batch:
+                deadline = self.waiting[0].queued_at + self.max_delay
+                while self.queued < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+                    self.arrived.clear()
+                    try:
+                        await asyncio.wait_for(self.arrived.wait(), left)
+                    except asyncio.TimeoutError:   # TimeoutError itself from Python 3.11
+                        break
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _take(self) -> list[_Waiting]:
+        """The oldest requests, up to max_batch images in all (always at least one request); requests whose
+        client has gone are dropped here, unrun."""
+        batch, size = [], 0
+        while self.waiting and (not batch or size + len(self.waiting[0].images) <= self.max_batch):
+            item = self.waiting.popleft()
+            self.queued -= len(item.images)
+            if not item.future.done():      # cancelled: the client disconnected
+                batch.append(item)
+                size += len(item.images)
+        return batch
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        started = time.perf_counter()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
+        try:
+            outputs = await asyncio.to_thread(self.run, images)
+        except Exception as e:   # the model failed: every request of the batch hears why, the server goes on
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        self.observe(len(images), [started - item.queued_at for item in batch])
+        start = 0
+        for item in batch:
+            end = start + len(item.images)
+            if not item.future.done():
+                item.future.set_result(tuple(output[start:end] for output in outputs))
+            start = end
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
