@@ -22,9 +22,10 @@ from fmnist.files import prepare_out
 MODEL_NAME = "fmnist"        # the model's folder, and its name in Triton's URLs: /v2/models/fmnist/infer
 LABELS = "labels.txt"
 # The largest batch Triton's dynamic batcher may build, and the most images one request may carry. 1024 is the
-# largest batch fmnist has measured: onnxruntime classifies 50,000 images a second at batch 1024 against 6,000
-# one at a time (README, "Images that are not garments"; 2-core Xeon, with the score). A request at the limit
-# is 3.2 MB of float32 pixels; larger batches only add to the wait of the requests queued behind one.
+# largest batch fmnist measures (bench/README.md: inference at batch 1, 64 and 1024), and it pays: onnxruntime
+# classifies 50,000 images a second at batch 1024 against 6,000 one at a time (README, "Images that are not
+# garments"; 2-core Xeon, with the score). A request at the limit is 3.2 MB of float32 pixels; larger batches
+# were never measured and would only add to the wait of the requests queued behind one.
 MAX_BATCH_SIZE = 1024
 # How long the dynamic batcher holds a request to gather others into its batch. One image alone takes about
 # 170 microseconds (6,000 a second, as above), so a single request waits less than one image's own time.
