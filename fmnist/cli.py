@@ -365,7 +365,7 @@ def serve(
     try:
         from fmnist import serve as server
     except ImportError as e:
-        raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist\\[serve]\"") from None
+        raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
     for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1), ("--port", port, 0)):
         if value < least:
             raise FmnistError(f"{name} {value}: must be {least} or more")

@@ -150,7 +150,9 @@ class Guard:
             too_large = length is not None and int(length) > self.max_body
         except ValueError:
             too_large = False   # h11 refuses such a request before it gets here
-        if too_large:
+        if too_large:   # read what was sent, keeping none of it, so the client hears the 413 instead of a reset
+            while (await receive()).get("more_body"):
+                pass
             await _send_error(send_counting, 413, self._too_large())
         else:
             await self.app(scope, receive if length is not None else self._limited(receive), send_counting)
@@ -223,8 +225,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_problem(request, e):
-        message = {404: f"no such route: {request.method} {request.url.path}; see GET /v2 and the README",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        routing = {"Not Found": f"no such route: {request.method} {request.url.path}; see GET /v2 and the README",
+                   "Method Not Allowed": f"{request.method} is not allowed on {request.url.path}"}
+        message = routing.get(str(e.detail), str(e.detail))   # starlette's words for routing, else fmnist's own
         return error(e.status_code, message, getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -37,3 +37,59 @@ def run_cli(*args: str):
 def offline(monkeypatch):
     """No test downloads: where the data is missing, fmnist says so instead of trying torchvision's download."""
     monkeypatch.setenv("FMNIST_OFFLINE", "1")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`fmnist serve` running as its own process (real uvicorn) on a free loopback port."""
+
+    def __init__(self, onnx, *options: str, timeout: float = 60):
+        import subprocess
+        import sys
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fmnist.cli", "serve", "--onnx", str(onnx), "--port", str(self.port), *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"fmnist serve did not start: {self.process.stdout.read()}")
+            time.sleep(0.1)
+
+    def stop(self, signal=None) -> str:
+        """Stop it (Ctrl-C's SIGINT unless told), and return what it printed."""
+        import signal as signals
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal or signals.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+        return self.process.stdout.read()
+
+
+@pytest.fixture(scope="session")
+def server(exported):
+    """The exported model behind `fmnist serve` (one process for the session): its Server (url, port)."""
+    running = Server(exported[0])
+    yield running
+    running.stop()
