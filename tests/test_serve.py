@@ -356,10 +356,11 @@ def test_serve_stops_cleanly_on_ctrl_c_and_names_its_url(exported):
 def test_several_workers_share_the_port_and_the_metrics(exported, images):
     running_server = Server(exported[0], "--workers", "2")
     try:
-        for _ in range(6):
-            assert post(running_server.url + INFER, v2_json(images[:2]))[0] == 200
-        metrics = parse_metrics(get(running_server.url + "/metrics")[1])
-        assert metrics["fmnist_images_total"] == 12   # both processes' counts, whichever answers the scrape
+        with ThreadPoolExecutor(8) as pool:   # on 8 connections at once, so that both processes take some
+            statuses = list(pool.map(lambda i: post(running_server.url + INFER, v2_json(images[:2]))[0], range(40)))
+        assert statuses == [200] * 40
+        for _ in range(5):   # every scrape adds up both processes, whichever of them answers it
+            assert parse_metrics(get(running_server.url + "/metrics")[1])["fmnist_images_total"] == 80
     finally:
         output = running_server.stop()
     assert "Traceback" not in output
