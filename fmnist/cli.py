@@ -54,6 +54,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",   # help texts are rich markup: a literal [ is written \\[ (typer's default, made explicit)
 )
 out = Console()
 err = Console(stderr=True)
@@ -145,7 +146,7 @@ def train(
         help="Replace the run already in --out (otherwise refused, so that no finished run is lost).")] = False,
     tensorboard: Annotated[Optional[Path], typer.Option(
         help='Also write TensorBoard event files (every epoch\'s metrics, the options as hparams) into this '
-             'folder; needs pip install "fmnist[tensorboard]".')] = None,
+             'folder; needs pip install "fmnist\\[tensorboard]".')] = None,
 ):
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
     from fmnist import train as training
@@ -387,7 +388,7 @@ SweepValues = Annotated[Optional[str], typer.Option(metavar="LIST|RANGE")]
 @friendly
 def sweep(
     recipe: Annotated[Optional[str], typer.Option(metavar="LIST", help="Recipes whose defaults the other options "
-                                                  "override: tuned, seed [default: tuned].")] = None,
+                                                  "override: tuned, seed \\[default: tuned].")] = None,
     epochs: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 5 or 10,20 or 10..40.")] = None,
     batch_size: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 100,1000.")] = None,
     lr: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE",
@@ -404,9 +405,9 @@ def sweep(
     workers: Annotated[int, typer.Option(help="Trials run at a time on this machine, each in its own "
                                          "process with its share of the cores.")] = 1,
     storage: Annotated[Optional[str], typer.Option(help="An Optuna database URL shared by workers on many machines "
-                                                   "(e.g. postgresql://user:pass@host/db) [default: a journal "
+                                                   "(e.g. postgresql://user:pass@host/db) \\[default: a journal "
                                                    "file in --out].")] = None,
-    study: Annotated[Optional[str], typer.Option(help="The study's name in the storage [default: --out's "
+    study: Annotated[Optional[str], typer.Option(help="The study's name in the storage \\[default: --out's "
                                                  "folder name].")] = None,
     show: Annotated[bool, typer.Option("--show", help="Only show the results so far; train nothing.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Write each trial's TensorBoard event "

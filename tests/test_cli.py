@@ -3,8 +3,16 @@ import sys
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from tests.conftest import run_cli
+
+
+def run_cli_wide(*args: str):
+    """run_cli at 200 columns, so that no help text is wrapped."""
+    from fmnist.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def test_import_and_help_do_not_import_torch():
@@ -107,3 +115,28 @@ def test_a_command_that_fails_first_leaves_no_folder_behind(tmp_path, monkeypatc
     assert run_cli("train", "--data-dir", tmp_path / "no" / "data", "--out", tmp_path / "run").exit_code == 1
     assert run_cli("evaluate", "--plot", tmp_path / "plots" / "cm.png").exit_code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_help_keeps_every_bracketed_text():
+    """Help texts go through rich markup: `[tensorboard]` or `[default: tuned]` unescaped would vanish from --help."""
+    import re
+
+    import typer
+
+    from fmnist.cli import app
+
+    def shown(*args):
+        result = run_cli_wide(*args)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.stdout.replace("│", " ").split())   # a wrapped help text joined again
+
+    commands = typer.main.get_command(app).commands
+    assert {"train", "sweep", "export", "evaluate", "predict", "serve"} <= set(commands)
+    for name, command in commands.items():
+        text = shown(name, "--help")
+        written = [command.help or ""] + [getattr(param, "help", None) or "" for param in command.params]
+        for bracketed in re.findall(r"\[[^\]]*\]", " ".join(written)):
+            assert bracketed in text, f"fmnist {name} --help lost {bracketed}"
+        assert "\\[" not in text
+    assert 'needs pip install "fmnist[tensorboard]".' in shown("train", "--help")
+    assert "(e.g. postgresql://user:pass@host/db) [default: a journal file in --out]." in shown("sweep", "--help")
