@@ -42,10 +42,44 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":   # `fmnist` alone: the help, as before
                 out.print(ctx.get_help() if ctx else "", highlight=False)
             else:
-                where = f" (see `{ctx.command_path} --help`)" if ctx else ""
-                print_error(e.format_message() + where)
+                print_error(usage_message(e, ctx, sys.argv[1:] if args is None else list(args)))
             sys.exit(getattr(e, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
+
+
+# Options that people bring from other tools; click's close matches (difflib) do not find these.
+ALIASES = {"--model": ("--onnx", "--checkpoint"), "--learning-rate": ("--lr",)}
+# train's options that fmnist sweep takes as lists or ranges (train's --seed is sweep's --seeds)
+SWEPT = ("--recipe", "--epochs", "--batch-size", "--lr", "--schedule", "--shift", "--label-smoothing", "--ema", "--seed")
+
+
+def usage_message(e, ctx, args: list[str]) -> str:
+    """click's one-line message for a mistyped command line, and what fmnist knows beside it: a list or range
+    given to `train` is `fmnist sweep`'s; the option that an unknown one probably meant."""
+    listed = _list_for_sweep(args) if ctx is not None and ctx.command.name == "train" else None
+    if listed:
+        return listed
+    message = e.format_message()
+    if type(e).__name__ == "NoSuchOption" and ctx is not None:
+        options = {name for param in ctx.command.params for name in param.opts}
+        meant = [name for name in ALIASES.get(e.option_name, ()) if name in options] or list(e.possibilities or ())
+        either = ", ".join(meant[:-1]) + " or " + meant[-1] if len(meant) > 1 else "".join(meant)   # best first
+        message = e.message + (f"; did you mean {either}?" if meant else "")
+    return message + (f" (see `{ctx.command_path} --help`)" if ctx else "")
+
+
+def _list_for_sweep(args: list[str]) -> str | None:
+    """`fmnist train --lr 0.01,0.003`: train takes one value per option; say that lists and ranges are the sweep's."""
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if option not in SWEPT:
+            continue
+        value = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+        if "," in value or ".." in value:
+            sweep_option = "--seeds" if option == "--seed" else option
+            return (f"{option} {value}: fmnist train takes one value; lists and ranges are fmnist sweep's "
+                    f"(fmnist sweep {sweep_option} {value})")
+    return None
 
 
 app = typer.Typer(
@@ -149,6 +183,8 @@ def train(
              'folder; needs pip install "fmnist\\[tensorboard]".')] = None,
 ):
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
+    if any("," in text or ".." in text for text in (recipe, schedule or "")):   # the numbers' are click's to refuse
+        raise typer.BadParameter("a list or range")   # a usage error: usage_message says it is fmnist sweep's
     from fmnist import train as training
     from fmnist.checkpoint import resumed_config
     from fmnist.config import recipe as recipe_config

@@ -140,3 +140,33 @@ def test_help_keeps_every_bracketed_text():
         assert "\\[" not in text
     assert 'needs pip install "fmnist[tensorboard]".' in shown("train", "--help")
     assert "(e.g. postgresql://user:pass@host/db) [default: a journal file in --out]." in shown("sweep", "--help")
+
+
+@pytest.mark.parametrize("args, option, sweep_option", [
+    (["--lr", "0.01,0.003"], "--lr 0.01,0.003", "--lr 0.01,0.003"),
+    (["--epochs=10..40"], "--epochs 10..40", "--epochs 10..40"),
+    (["--batch-size", "100,1000"], "--batch-size 100,1000", "--batch-size 100,1000"),
+    (["--seed", "0,1,2"], "--seed 0,1,2", "--seeds 0,1,2"),
+    (["--schedule", "constant,onecycle"], "--schedule constant,onecycle", "--schedule constant,onecycle"),
+    (["--recipe", "tuned,seed"], "--recipe tuned,seed", "--recipe tuned,seed"),
+])
+def test_a_list_or_range_given_to_train_points_to_sweep(args, option, sweep_option, tmp_path):
+    result = run_cli("train", "--out", tmp_path / "run", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: {option}: fmnist train takes one value; lists and ranges are "
+                                     f"fmnist sweep's (fmnist sweep {sweep_option})")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, suggestion", [
+    (["predict", "x.png", "--model", "m.onnx"], "--onnx"),
+    (["serve", "--model", "m.onnx"], "--onnx"),
+    (["evaluate", "--model", "m.onnx"], "--onnx or --checkpoint"),
+    (["train", "--epoch", "3"], "--epochs"),
+    (["train", "--learning-rate", "0.1"], "--lr"),
+])
+def test_a_mistyped_option_suggests_the_real_one(args, suggestion):
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: No such option: {args[-2]}; did you mean {suggestion}? (see `")
+    assert result.stderr.strip().endswith(f" {args[0]} --help`)") and len(result.stderr.splitlines()) == 1
