@@ -28,15 +28,17 @@ except ImportError:                                     # older typer: click's
 
 class OneLineUsageErrors(typer.core.TyperGroup):
     """A mistyped command line (an unknown option, a missing value) is one `error:` line, like every other
-    error of fmnist, rather than click's usage block and boxed message."""
+    error of fmnist, rather than click's usage block and boxed message. Exit codes, as the README gives them: 2
+    for these, 1 for a value, file or data the user can fix (`friendly`), 130 interrupted."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.Abort:
-            sys.exit(1)
+        except typer.Abort:   # older click's Ctrl-C outside a command (newer typer's exits 130 by itself)
+            err.print("interrupted", highlight=False)
+            sys.exit(130)
         except UsageProblem as e:   # UsageError, BadParameter, NoSuchOption...
             ctx = getattr(e, "ctx", None)
             if type(e).__name__ == "NoArgsIsHelpError":   # `fmnist` alone: the help, as before

@@ -170,3 +170,24 @@ def test_a_mistyped_option_suggests_the_real_one(args, suggestion):
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: No such option: {args[-2]}; did you mean {suggestion}? (see `")
     assert result.stderr.strip().endswith(f" {args[0]} --help`)") and len(result.stderr.splitlines()) == 1
+
+
+def test_exit_codes_follow_one_rule(tmp_path, monkeypatch):
+    """The README's rule: 0 done; 1 a value, file or data the user can fix; 2 a command line that cannot be read
+    as the command's options; 130 interrupted."""
+    import typer
+
+    from fmnist import runtime
+
+    assert run_cli("train", "--help").exit_code == 0
+    assert run_cli("train", "--epochs", "0", "--out", tmp_path).exit_code == 1                   # a value
+    assert run_cli("predict", "x.png", "--onnx", tmp_path / "missing.onnx").exit_code == 1     # a file
+    for args in (["--epochs"], ["--epoch", "3"], ["--epochs", "three"], ["--lr", "0.1,0.2"]):
+        assert run_cli("train", "--out", tmp_path, *args).exit_code == 2, args
+    for interruption in (KeyboardInterrupt, typer.Abort):   # older click turns Ctrl-C outside a command into Abort
+        def interrupted(path):
+            raise interruption()
+
+        monkeypatch.setattr(runtime, "session", interrupted)
+        result = run_cli("predict", "x.png")
+        assert result.exit_code == 130 and result.stderr.strip() == "interrupted", interruption
