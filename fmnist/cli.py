@@ -216,7 +216,7 @@ def train(
         raise typer.Exit(130) from None
     finally:
         bars.stop()   # every way out gives the terminal its cursor back
-    _summary(history, out_dir, time.perf_counter() - start)
+    _summary(history, out_dir, time.perf_counter() - start, bars.trained, data_dir)
 
 
 def _kept(out_dir: Path) -> str:
@@ -538,6 +538,7 @@ class RichReporter:
     def __init__(self, refresh_seconds: float = 0.2):
         self.refresh_seconds = refresh_seconds
         self.progress = None
+        self.trained = 0   # epochs ended here: after --resume, fewer than the run's
 
     def note(self, message: str) -> None:
         _note(message)
@@ -567,6 +568,7 @@ class RichReporter:
 
     def epoch_end(self, row: dict) -> None:
         self.stop()
+        self.trained += 1
         out.print(
             f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
             f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"
@@ -574,7 +576,10 @@ class RichReporter:
             highlight=False, soft_wrap=True)
 
 
-def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:
+def _summary(history: list[dict], out_dir: Path, seconds: float, trained: int | None = None,
+             data_dir: Path | None = None) -> None:
+    """The run in a table, and the command that comes next. trained: the epochs this command trained (fewer than
+    the run's after --resume; None: all of them)."""
     last = history[-1]
     best = max(history, key=lambda row: row["test_accuracy"])
     table = Table(title="fmnist train", show_header=False)
@@ -592,10 +597,36 @@ def _summary(history: list[dict], out_dir: Path, seconds: float) -> None:
     if reached:
         seconds_to_90 = sum(r["train_seconds"] for r in history[:history.index(reached) + 1])
         table.add_row("90% test accuracy", f"epoch {reached['epoch']}, after {seconds_to_90:.3g} s of training")
-    table.add_row("wall time", f"{seconds:.1f} s (data loading and evaluation included)")
+    table.add_row("wall time (this command)", f"{seconds:.1f} s (data loading and evaluation included)")
+    if trained is not None and trained < len(history):   # --resume: the wall time is not the run's
+        table.add_row("trained by this command", _trained_here(len(history), trained))
     table.add_row("checkpoint", str(out_dir / "fmnist.pt"))
     table.add_row("metrics", str(out_dir / "metrics.jsonl"))
+    table.add_row("curves", str(out_dir / "curves.png"))
     out.print(table)
+    out.print(f"next: export it to ONNX with {_export_command(out_dir, data_dir)}", highlight=False, soft_wrap=True)
+
+
+def _trained_here(epochs: int, trained: int) -> str:
+    """After --resume, which of the run's epochs this command trained."""
+    if trained == 0:
+        return f"no epoch: the run had all {epochs} already"
+    first = epochs - trained + 1
+    here = f"epoch {epochs}" if trained == 1 else f"epochs {first}-{epochs}"
+    return f"{here} ({'epoch 1' if first == 2 else f'epochs 1-{first - 1}'} earlier)"
+
+
+def _export_command(out_dir: Path, data_dir: Path | None) -> str:
+    """`fmnist export` for the run in out_dir, the model beside its checkpoint (export's defaults where they fit)."""
+    import shlex
+
+    words = ["fmnist export --onnx"]
+    if out_dir != Path("export"):
+        words += ["--checkpoint", shlex.quote(str(out_dir / "fmnist.pt")),
+                  "--output", shlex.quote(str(out_dir / "fmnist.onnx"))]
+    if data_dir:
+        words += ["--data-dir", shlex.quote(str(data_dir))]
+    return " ".join(words)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,36 @@ def test_exit_codes_follow_one_rule(tmp_path, monkeypatch):
         monkeypatch.setattr(runtime, "session", interrupted)
         result = run_cli("predict", "x.png")
         assert result.exit_code == 130 and result.stderr.strip() == "interrupted", interruption
+
+
+def summary_rows(epochs: int) -> list[dict]:
+    return [dict(epoch=epoch, train_loss=0.3, train_accuracy=0.9, test_loss=0.3, test_accuracy=0.85, train_seconds=2.0,
+                 samples_per_second=30_000) for epoch in range(1, epochs + 1)]
+
+
+def test_summary_names_the_curves_and_the_next_step(capsys, tmp_path, monkeypatch):
+    from fmnist.cli import _summary
+
+    monkeypatch.chdir(tmp_path)   # short paths: no table cell wraps
+    _summary(summary_rows(2), Path("runs/a b"), seconds=5.0, trained=2)
+    text = capsys.readouterr().out
+    assert "runs/a b/curves.png" in text
+    assert "next: export it to ONNX with fmnist export --onnx --checkpoint 'runs/a b/fmnist.pt' --output " \
+           "'runs/a b/fmnist.onnx'" in text
+    _summary(summary_rows(2), Path("export"), seconds=5.0, trained=2, data_dir=Path("/srv/fmnist"))
+    assert "with fmnist export --onnx --data-dir /srv/fmnist\n" in capsys.readouterr().out   # export's defaults
+
+
+def test_summary_of_a_resumed_run_says_whose_wall_time_it_gives(capsys, tmp_path, monkeypatch):
+    from fmnist.cli import _summary
+
+    monkeypatch.chdir(tmp_path)
+    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=0)   # --resume on a finished run
+    text = capsys.readouterr().out
+    assert "6 s (the epochs' training passes)" in text
+    assert "wall time (this command) │ 4.0 s" in text
+    assert "trained by this command  │ no epoch: the run had all 3 already" in text
+    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=1)
+    assert "│ epoch 3 (epochs 1-2 earlier)" in capsys.readouterr().out
+    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=3)
+    assert "trained by this command" not in capsys.readouterr().out   # a whole run: the wall time is all its own
