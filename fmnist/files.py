@@ -3,7 +3,10 @@
 Nothing is created before there is something to write: a command that fails first leaves no empty folder.
 """
 
+import json
 import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,3 +57,76 @@ def atomic_path(path: Path):
         raise FmnistError(f"{path}: cannot write it ({e.strerror or e}); anything already there is kept") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+LOCK = ".fmnist.lock"
+
+
+@contextmanager
+def hold(folder: Path):
+    """The run folder for this process alone, for the whole block: a second `fmnist train` (or `--resume`, or a
+    sweep's trial) into it is refused in one line naming this process.
+
+    An exclusive flock on folder/.fmnist.lock, which the kernel releases when the process ends, however it ends:
+    the lock of a killed process is not stale, the next run simply takes it. The file says who holds it, for
+    the refusal's words; it is removed on the way out, and so is the folder when the run wrote nothing else.
+    """
+    try:
+        import fcntl
+    except ImportError:   # Windows: no flock; runs are not guarded there
+        yield folder
+        return
+    created = _missing_parents(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FmnistError(f"{folder} is in use by another fmnist run ({holder}); wait for it to end, or "
+                                  "choose another --out") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+            os.close(fd)   # the holder removed the file as we opened it: lock the one there now
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.time()}).encode())
+    except OSError as e:
+        _remove_if_empty(folder, created)
+        raise FmnistError(f"{folder}: cannot write there ({e.strerror or e}); choose another --out") from None
+    try:
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)   # while still locked: whoever opens it next makes a new one
+        os.close(fd)
+        _remove_if_empty(folder, created)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.read(fd, 4096) or b"{}")
+        since = time.strftime("%H:%M:%S", time.localtime(holder["since"]))
+        return f"process {holder['pid']}, `{holder['command']}`, since {since}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "a process that is starting"
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders a mkdir -p of `folder` would create, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folder: Path, created: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, as long as they are empty."""
+    for made in created:
+        try:
+            made.rmdir()
+        except OSError:
+            return

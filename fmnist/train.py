@@ -3,13 +3,14 @@
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fmnist import FmnistError, data, plots
 from fmnist.checkpoint import load_checkpoint, save_checkpoint, write_metrics
-from fmnist.files import prepare_out
+from fmnist.files import hold, prepare_out
 from fmnist.config import TrainConfig, check, recipe, train_command  # noqa: F401  (recipe: the library's, with train)
 from fmnist.model import Network
 
@@ -47,7 +48,12 @@ def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = Fal
     """
     check(config)
     device = resolve_device(config.device)
-    out = prepare_out(config.out)
+    with hold(prepare_out(config.out)) as out:
+        return _train(config, device, out, report, resume, overwrite)
+
+
+def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporter, resume: bool,
+           overwrite: bool) -> list[dict]:
     if not resume and not overwrite and (out / "fmnist.pt").exists():
         raise FmnistError(f"{out} holds a run already ({out / 'fmnist.pt'}); continue it with --resume, train "
                           "into another --out, or replace it with --overwrite")

@@ -267,3 +267,63 @@ def test_a_run_moved_to_another_folder_resumes_there(tmp_path, trained):
     result = run_cli("train", "--resume", "--device", "cpu", "--out", tmp_path)
     assert result.exit_code == 0 and f"the run in {tmp_path} has done 1 of 1 epochs" in result.stderr
     assert (tmp_path / "curves.png").exists()
+
+
+# ---- one run per folder ---------------------------------------------------------------------------------------
+
+def start_training(out, *options: str):
+    """`fmnist train` in its own process; returns it once it holds its folder (the lock file names it)."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "train", "--out", str(out), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / ".fmnist.lock").exists() and (out / ".fmnist.lock").read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.05)
+    return process
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, real_data):
+    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "1000", "--seed", "0")
+    while not (tmp_path / "metrics.jsonl").exists():   # one epoch done: there is a run to --resume
+        assert first.poll() is None, first.stdout.read()
+    for second in (["--epochs", "1", "--seed", "5"], ["--resume"], ["--epochs", "1", "--overwrite"]):
+        result = run_cli("train", "--out", tmp_path, *second)
+        one_line_error(result, f"{tmp_path} is in use by another fmnist run (process {first.pid}, ",
+                       "choose another --out")
+    assert first.wait(300) == 0, first.stdout.read()
+    saved = torch.load(tmp_path / "fmnist.pt", weights_only=True)
+    assert saved["config"]["seed"] == 0 and saved["epoch"] == 3   # the first run's, whole
+    assert not (tmp_path / ".fmnist.lock").exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_by_resume(tmp_path, real_data):
+    import signal
+
+    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "1000")
+    while not (tmp_path / "metrics.jsonl").exists():   # one epoch done
+        assert first.poll() is None, first.stdout.read()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (tmp_path / ".fmnist.lock").exists()   # left behind, naming a process that is gone
+    result = run_cli("train", "--resume", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_sweep_trial_into_a_held_folder_is_refused(tmp_path):
+    """A folder held by a run (here this process, through the same lock) is refused to a sweep's trial too."""
+    from fmnist.files import hold
+
+    with hold(tmp_path / "run"):
+        result = run_cli("sweep", "--epochs", "1", "--lr", "0.01", "--out", tmp_path)
+    assert "run: failed: " in result.output and "is in use by another fmnist run" in result.output
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    result = run_cli("train", "--epochs", "1", "--data-dir", tmp_path / "no-data", "--out", tmp_path / "a" / "b")
+    assert result.exit_code == 1
+    assert not (tmp_path / "a").exists()
