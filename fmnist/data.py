@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist import FmnistError
+from fmnist.files import missing_parents, remove_if_empty
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DIR = Path("data")
@@ -137,16 +138,14 @@ def _download(root: Path) -> None:
         return
     from torchvision.datasets import FashionMNIST
 
-    made = [p for p in (root, root / "FashionMNIST", root / "FashionMNIST" / "raw") if not p.exists()]
+    made = missing_parents(root / "FashionMNIST" / "raw")   # all it will make: /missing of /missing/deeper too
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)   # a silent server is given up, not waited on for ever
     try:
         for train in (True, False):
             FashionMNIST(root=str(root), train=train, download=True)
     except Exception:  # no network, a proxy, a mirror down
-        for folder in reversed(made):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(made)
     finally:
         socket.setdefaulttimeout(timeout)
 

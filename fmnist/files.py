@@ -76,7 +76,7 @@ def hold(folder: Path):
     except ImportError:   # Windows: no flock; runs are not guarded there
         yield folder
         return
-    created = _missing_parents(folder)
+    created = missing_parents(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK
@@ -95,14 +95,14 @@ def hold(folder: Path):
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.time()}).encode())
     except OSError as e:
-        _remove_if_empty(folder, created)
+        remove_if_empty(created)
         raise FmnistError(f"{folder}: cannot write there ({e.strerror or e}); choose another --out") from None
     try:
         yield folder
     finally:
         path.unlink(missing_ok=True)   # while still locked: whoever opens it next makes a new one
         os.close(fd)
-        _remove_if_empty(folder, created)
+        remove_if_empty(created)
 
 
 def _read_holder(fd: int) -> str:
@@ -114,7 +114,7 @@ def _read_holder(fd: int) -> str:
         return "a process that is starting"
 
 
-def _missing_parents(folder: Path) -> list[Path]:
+def missing_parents(folder: Path) -> list[Path]:
     """The folders a mkdir -p of `folder` would create, deepest first."""
     missing = []
     while not folder.exists() and folder != folder.parent:
@@ -123,8 +123,8 @@ def _missing_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _remove_if_empty(folder: Path, created: list[Path]) -> None:
-    """Remove the folders this run created, deepest first, as long as they are empty."""
+def remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders that were created (missing_parents' list), deepest first, as long as they are empty."""
     for made in created:
         try:
             made.rmdir()

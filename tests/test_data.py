@@ -102,3 +102,16 @@ def test_to_tensors_scales_pixels(real_data):
     assert images.shape == (10_000, 1, 28, 28) and images.dtype.is_floating_point
     assert float(images.min()) == 0.0 and float(images.max()) == 1.0
     assert labels.dtype.is_floating_point is False and int(labels.max()) == 9
+
+
+def test_a_failed_download_removes_every_folder_it_created(tmp_path, monkeypatch):
+    """No internet here: the mirror is a closed port on loopback, so the download fails at once, as it does
+    on a machine without network access (FMNIST_DATA=/missing/deeper left /missing behind)."""
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.delenv("FMNIST_OFFLINE")
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setenv("FMNIST_DATA", str(tmp_path / "missing" / "deeper"))
+    with pytest.raises(FmnistError, match="not found in"):
+        data.locate()
+    assert list(tmp_path.iterdir()) == []
