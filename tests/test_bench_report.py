@@ -31,3 +31,18 @@ def test_ratios_are_taken_to_the_baseline_in_another_file(tmp_path, capsys):
     assert "| train | fmnist loop, eager | cuda | 1000 | 900,000 | - |" in table   # no baseline at batch 1000
     assert "| train | tutorial DataLoader loop | cpu | 100 | 20,000 | 1.00 |" in table
     assert f"No rows (none ran, or the run was cut off): {cut_off}" in table
+
+
+def test_pytest_shows_skip_reasons(tmp_path):
+    """The README says that skipped tests are shown with the reason: pyproject.toml's addopts asks for it (-rs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_skipping.py").write_text("import pytest\n\n\ndef test_it():\n    pytest.skip('no GPU here')\n")
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-c", str(pyproject), "--rootdir", str(tmp_path),
+                             "-p", "no:cacheprovider", str(tmp_path / "test_skipping.py")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "SKIPPED [1] test_skipping.py:5: no GPU here" in result.stdout
