@@ -225,3 +225,24 @@ def test_summary_of_a_resumed_run_says_whose_wall_time_it_gives(capsys, tmp_path
     assert "│ epoch 3 (epochs 1-2 earlier)" in capsys.readouterr().out
     _summary(summary_rows(3), Path("run"), seconds=4.0, trained=3)
     assert "trained by this command" not in capsys.readouterr().out   # a whole run: the wall time is all its own
+
+
+def test_what_the_readmes_examples_write_is_ignored_by_git():
+    """Running the README's commands in a checkout leaves `git status` clean: every --out, --plot, --triton and
+    --benchmark-json of its examples (a placeholder such as DIR aside) is ignored."""
+    import re
+
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    examples = "\n".join(block for readme in ("README.md", "bench/README.md")
+                         for block in re.findall(r"```(?:sh|console)\n(.*?)```", (root / readme).read_text(), re.S))
+    written = {  # what each option writes, as a file git would otherwise show
+        "out": "{}/metrics.jsonl", "plot": "{}", "triton": "{}/fmnist/config.pbtxt", "benchmark-json": "{}"}
+    paths = [written[option].format(target.rstrip("/"))
+             for option, target in re.findall(r"--(out|plot|triton|benchmark-json) ([\w./-]+)", examples)
+             if not target.isupper()]
+    assert {"runs/lr-bs/metrics.jsonl", "cm.png", "models/fmnist/config.pbtxt", "out.json"} <= set(paths)
+    checked = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *paths],
+                             cwd=root, capture_output=True, text=True)
+    assert not [line for line in checked.stdout.splitlines() if line.startswith("::")], checked.stdout
