@@ -15,6 +15,11 @@ from fmnist import FmnistError
 PICTURES = (".png", ".svg", ".pdf")   # what matplotlib writes for --plot and the like
 
 
+class WriteError(FmnistError):
+    """A file could not be written (a full disk, a folder gone): about the machine, not about the values a run
+    was given, so a sweep stops and keeps the trial for later instead of recording it as failed."""
+
+
 def prepare_out(folder: str | Path) -> Path:
     """`folder`, once we know it can be made and written in: found out before the work, not after. Nothing
     is created here; the first file written creates it (atomic_path)."""
@@ -54,7 +59,7 @@ def atomic_path(path: Path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise FmnistError(f"{path}: cannot write it ({e.strerror or e}); anything already there is kept") from None
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e}); anything already there is kept") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -96,7 +101,7 @@ def hold(folder: Path):
         os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.time()}).encode())
     except OSError as e:
         remove_if_empty(created)
-        raise FmnistError(f"{folder}: cannot write there ({e.strerror or e}); choose another --out") from None
+        raise WriteError(f"{folder}: cannot write there ({e.strerror or e}); choose another --out") from None
     try:
         yield folder
     finally:

@@ -137,6 +137,7 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
     accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
     import optuna
     from fmnist.checkpoint import load_checkpoint
+    from fmnist.files import WriteError
     from fmnist.train import train
     from optuna.trial import TrialState
 
@@ -164,6 +165,10 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
             study.tell(trial, state=TrialState.PRUNED)
             say(f"{folder}: pruned after epoch {len(report.history)} (behind the median)")
             return
+        except WriteError:        # a full disk: the machine's problem, not the values'. Kept for the next try
+            study.tell(trial, state=TrialState.FAIL)
+            requeue(study, study._storage.get_trial(trial._trial_id))
+            raise
         except FmnistError as e:   # a real outcome of these values, e.g. a loss that became NaN: not retried
             trial.set_user_attr("error", str(e))
             study.tell(trial, state=TrialState.FAIL)
