@@ -533,7 +533,8 @@ def _show_sweep(the_study, out_dir: Path) -> None:
 
 
 class RichReporter:
-    """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface)."""
+    """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface). The bar is
+    drawn on a terminal only: into a pipe or a log, rich's transient bar leaves an empty line behind."""
 
     def __init__(self, refresh_seconds: float = 0.2):
         self.refresh_seconds = refresh_seconds
@@ -545,17 +546,19 @@ class RichReporter:
 
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
         self.epoch, self.epochs = epoch, epochs
+        self.start = self.last = time.perf_counter()
+        if not out.is_terminal:
+            return
         self.progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
             TimeElapsedColumn(), console=out, transient=True)
         self.task = self.progress.add_task("train", total=samples, loss="-", rate="-")
         self.progress.start()
-        self.start = self.last = time.perf_counter()
 
     def step(self, samples_done: int, loss) -> None:
         now = time.perf_counter()
-        if now - self.last < self.refresh_seconds:
+        if self.progress is None or now - self.last < self.refresh_seconds:
             return    # reading `loss` syncs with the device: only do it when the bar is redrawn
         self.last = now
         rate = samples_done / (now - self.start)
@@ -610,7 +613,7 @@ def _summary(history: list[dict], out_dir: Path, seconds: float, trained: int | 
 def _trained_here(epochs: int, trained: int) -> str:
     """After --resume, which of the run's epochs this command trained."""
     if trained == 0:
-        return f"no epoch: the run had all {epochs} already"
+        return "none: the run was finished already"
     first = epochs - trained + 1
     here = f"epoch {epochs}" if trained == 1 else f"epochs {first}-{epochs}"
     return f"{here} ({'epoch 1' if first == 2 else f'epochs 1-{first - 1}'} earlier)"

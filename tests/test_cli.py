@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,7 +221,7 @@ def test_summary_of_a_resumed_run_says_whose_wall_time_it_gives(capsys, tmp_path
     text = capsys.readouterr().out
     assert "6 s (the epochs' training passes)" in text
     assert "wall time (this command) │ 4.0 s" in text
-    assert "trained by this command  │ no epoch: the run had all 3 already" in text
+    assert "trained by this command  │ none: the run was finished already" in text
     _summary(summary_rows(3), Path("run"), seconds=4.0, trained=1)
     assert "│ epoch 3 (epochs 1-2 earlier)" in capsys.readouterr().out
     _summary(summary_rows(3), Path("run"), seconds=4.0, trained=3)
@@ -246,3 +247,25 @@ def test_what_the_readmes_examples_write_is_ignored_by_git():
     checked = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *paths],
                              cwd=root, capture_output=True, text=True)
     assert not [line for line in checked.stdout.splitlines() if line.startswith("::")], checked.stdout
+
+
+def test_piped_output_has_no_blank_line_between_epochs(tmp_path, monkeypatch):
+    """CliRunner's output is not a terminal, like `fmnist train | cat`: the epoch lines follow one another."""
+    from fmnist import train as training
+
+    def two_epochs(config, report, **options):   # the loop's calls to its reporter, without the training
+        history = []
+        for epoch in (1, 2):
+            report.epoch_start(epoch, 2, 60_000)
+            time.sleep(0.25)   # past the reporter's refresh interval: a step that would redraw a bar
+            report.step(30_000, torch.tensor(0.5))
+            history.append(dict(epoch=epoch, train_loss=0.5, train_accuracy=0.8, test_loss=0.5, test_accuracy=0.8,
+                                train_seconds=1.0, samples_per_second=60_000.0))
+            report.epoch_end(history[-1])
+        return history
+
+    monkeypatch.setattr(training, "train", two_epochs)
+    result = run_cli("train", "--epochs", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("epoch 1/2  train loss") and lines[1].startswith("epoch 2/2  train loss"), lines[:3]
