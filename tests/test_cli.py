@@ -269,3 +269,20 @@ def test_piped_output_has_no_blank_line_between_epochs(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("epoch 1/2  train loss") and lines[1].startswith("epoch 2/2  train loss"), lines[:3]
+
+
+def test_the_readmes_cpu_install_takes_pyprojects_torch_and_its_gpu_options_exist():
+    """The CPU wheels' command pins pyproject.toml's torch range (else `pip install -e .` swaps in the CUDA build);
+    the GPU paragraph's options are train's real ones."""
+    import re
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    wanted = dict(re.findall(r'^ *"((torch|torchvision)[<>=][^"]*)"', (root / "pyproject.toml").read_text(), re.M))
+    wanted = {name: spec for spec, name in wanted.items()}
+    assert (f'pip install "{wanted["torch"]}" "{wanted["torchvision"]}" '
+            "--index-url https://download.pytorch.org/whl/cpu") in readme
+    gpu = readme[readme.index("**With a GPU**"):readme.index("## The Network")]
+    options = run_cli_wide("train", "--help").stdout
+    for option in set(re.findall(r"--[a-z-]+", gpu)) - {"--index-url"}:
+        assert option in options, option
