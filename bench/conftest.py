@@ -69,8 +69,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         b["extra_info"]["ratio_to_baseline"] = ratios.get((b["group"], b["name"]))
 
 
-@pytest.hookimpl(trylast=True)   # after pytest-benchmark's own table
-def pytest_terminal_summary(terminalreporter, config):
+def ratio_tables(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)   # pytest-benchmark keeps its results there
     if session is None or not session.benchmarks:
         return
@@ -86,3 +85,27 @@ def pytest_terminal_summary(terminalreporter, config):
         write(f"{r['group']:<10} {info['path']:<44} {info['device']:<6} {info['batch_size']:>5} "
               f"{info['samples_per_second']:>12,.0f} {ratio:>10}")
     write("baselines, at the same batch size: " + ", ".join(f"{path} ({group})" for group, path in BASELINES.items()))
+
+
+GROUPS = pytest.StashKey[dict]()   # nodeid -> benchmark group, to name what was skipped
+
+
+def pytest_collection_modifyitems(config, items):
+    config.stash[GROUPS] = {item.nodeid: marker.kwargs.get("group") for item in items
+                            if (marker := item.get_closest_marker("benchmark"))}
+
+
+@pytest.hookimpl(trylast=True)   # after pytest-benchmark's own table
+def pytest_terminal_summary(terminalreporter, config):
+    """The tables, then the run in a plain line and, once per reason, the groups it skipped."""
+    from bench.report import plain_summary, skipped_summary
+
+    ratio_tables(terminalreporter, config)
+    session = getattr(config, "_benchmarksession", None)
+    benchmarks = session.benchmarks if session is not None else []
+    summary = plain_summary(timed_rows([{"group": b.group, "name": b.name, "extra_info": b.extra_info}
+                                        for b in benchmarks]))
+    lines = ([summary] if summary else []) + skipped_summary(terminalreporter.stats.get("skipped", []),
+                                                             config.stash.get(GROUPS, {}))
+    for line in [""] + lines if lines else []:
+        terminalreporter.write_line(line)

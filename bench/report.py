@@ -53,6 +53,38 @@ def row_order(b: dict):
     return b["group"], info["batch_size"], info.get("order", 0), -info["samples_per_second"]
 
 
+# The plain summary that ends a run: (group, path, batch size, its name, its baseline's name), each a CPU row
+# whose ratio with_ratios takes to its group's baseline at that batch size.
+HEADLINES = [("train", "fmnist loop, eager", 100, "fmnist's loop", "the tutorial's"),
+             ("inference", "onnxruntime", 1, "onnxruntime", "eager torch")]
+
+
+def plain_summary(rows: list[dict]) -> str | None:
+    """`fmnist's loop: 2.2× the tutorial's at batch 100; onnxruntime: 6.4× eager torch at batch 1`, from rows with
+    ratios (with_ratios); the parts whose rows did not run are left out, and None when none did."""
+    ratios = {(r["group"], r["extra_info"]["path"], r["extra_info"]["batch_size"]): r["ratio"]
+              for r in rows if r["extra_info"]["device"] == "cpu" and r.get("ratio")}
+    parts = [f"{name}: {ratios[group, path, batch]:.1f}× {baseline} at batch {batch}"
+             for group, path, batch, name, baseline in HEADLINES if (group, path, batch) in ratios]
+    return "; ".join(parts) or None
+
+
+def skipped_summary(reports, groups: dict[str, str]) -> list[str]:
+    """One line per reason for pytest's skipped reports (nodeid, longrepr: file, line, 'Skipped: why'), naming the
+    benchmark groups it skipped (groups: nodeid -> group) with how many in each; a module skipped whole (an
+    importorskip) is named by its file."""
+    by_reason: dict[str, dict[str, int]] = {}
+    for skipped in reports:
+        reason = skipped.longrepr[2] if isinstance(skipped.longrepr, tuple) else str(skipped.longrepr)
+        module, _, test = skipped.nodeid.partition("::")
+        where = groups.get(skipped.nodeid) or (module if test else f"{module} (all of it)")   # no test: the module
+        counts = by_reason.setdefault(reason.removeprefix("Skipped: "), {})
+        counts[where] = counts.get(where, 0) + 1
+    return [f"skipped, {reason}: " + ", ".join(where if where.endswith("(all of it)") else f"{where} ({n})"
+                                               for where, n in counts.items())
+            for reason, counts in by_reason.items()]
+
+
 def main(paths: list[str]) -> None:
     runs, empty = [], []
     for path in paths:

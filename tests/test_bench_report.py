@@ -46,3 +46,38 @@ def test_pytest_shows_skip_reasons(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout
     assert "SKIPPED [1] test_skipping.py:5: no GPU here" in result.stdout
+
+
+NO_CUDA = "no CUDA device on this machine"
+
+
+def test_the_run_ends_with_a_plain_summary():
+    rows = report.with_ratios(run(
+        ("train", "tutorial DataLoader loop", "cpu", 100, 20_000), ("train", "fmnist loop, eager", "cpu", 100, 44_000),
+        ("train", "fmnist loop, compiled", "cpu", 100, 50_000), ("train", "fmnist loop, eager", "cpu", 1000, 90_000),
+        ("inference", "torch eager", "cpu", 1, 8_500), ("inference", "onnxruntime", "cpu", 1, 54_400),
+        ("inference", "onnxruntime", "cpu", 64, 200_000), ("inference", "torch eager", "cuda", 1, 30_000))["benchmarks"])
+    assert report.plain_summary(rows) == ("fmnist's loop: 2.2× the tutorial's at batch 100; "
+                                          "onnxruntime: 6.4× eager torch at batch 1")
+    assert report.plain_summary(rows[:4]) == "fmnist's loop: 2.2× the tutorial's at batch 100"   # no inference ran
+    assert report.plain_summary([]) is None
+
+
+class Skipped:
+    """A skipped test's or module's report, as pytest keeps it (nodeid, longrepr: file, line, 'Skipped: why')."""
+
+    def __init__(self, nodeid, reason):
+        self.nodeid, self.longrepr = nodeid, ("bench/common.py", 19, f"Skipped: {reason}")
+
+
+def test_the_skipped_groups_are_named_once_with_the_reason():
+    serve = "fmnist serve needs the extra: pip install 'fmnist[serve]'"
+    reports = [Skipped(f"bench/test_train_speed.py::test_fmnist_loop[{n}]", NO_CUDA) for n in range(4)] + [
+        Skipped("bench/test_inference_speed.py::test_torch_cuda[1]", NO_CUDA),
+        Skipped("bench/test_serve_speed.py", serve)]   # importorskip: the module itself
+    groups = {f"bench/test_train_speed.py::test_fmnist_loop[{n}]": "train" for n in range(4)}
+    groups["bench/test_inference_speed.py::test_torch_cuda[1]"] = "inference"
+    assert report.skipped_summary(reports, groups) == [
+        f"skipped, {NO_CUDA}: train (4), inference (1)",
+        f"skipped, {serve}: bench/test_serve_speed.py (all of it)"]
+    assert report.skipped_summary([], groups) == []
