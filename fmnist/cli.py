@@ -52,7 +52,8 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 # Options that people bring from other tools; click's close matches (difflib) do not find these.
 ALIASES = {"--model": ("--onnx", "--checkpoint"), "--learning-rate": ("--lr",)}
 # train's options that fmnist sweep takes as lists or ranges (train's --seed is sweep's --seeds)
-SWEPT = ("--recipe", "--epochs", "--batch-size", "--lr", "--schedule", "--shift", "--label-smoothing", "--ema", "--seed")
+SWEPT = ("--recipe", "--epochs", "--batch-size", "--lr", "--schedule", "--shift", "--label-smoothing", "--ema",
+         "--seed")
 
 
 def usage_message(e, ctx, args: list[str]) -> str:

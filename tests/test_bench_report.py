@@ -56,7 +56,8 @@ def test_the_run_ends_with_a_plain_summary():
         ("train", "tutorial DataLoader loop", "cpu", 100, 20_000), ("train", "fmnist loop, eager", "cpu", 100, 44_000),
         ("train", "fmnist loop, compiled", "cpu", 100, 50_000), ("train", "fmnist loop, eager", "cpu", 1000, 90_000),
         ("inference", "torch eager", "cpu", 1, 8_500), ("inference", "onnxruntime", "cpu", 1, 54_400),
-        ("inference", "onnxruntime", "cpu", 64, 200_000), ("inference", "torch eager", "cuda", 1, 30_000))["benchmarks"])
+        ("inference", "onnxruntime", "cpu", 64, 200_000),
+        ("inference", "torch eager", "cuda", 1, 30_000))["benchmarks"])
     assert report.plain_summary(rows) == ("fmnist's loop: 2.2× the tutorial's at batch 100; "
                                           "onnxruntime: 6.4× eager torch at batch 1")
     assert report.plain_summary(rows[:4]) == "fmnist's loop: 2.2× the tutorial's at batch 100"   # no inference ran

@@ -254,6 +254,7 @@ def test_results_csv_rounds_what_it_shows_and_keeps_the_swept_values(tmp_path):
     waiting = {"folder": "trial-0001", "state": "waiting", "lr": 0.0001, **{c: None for c in results.COLUMNS}}
     results.write_csv([done, waiting], plan, tmp_path / "results.csv")
     assert (tmp_path / "results.csv").read_text().splitlines() == [
-        "folder,state,lr,final_test_accuracy,best_test_accuracy,best_epoch,epochs_done,train_seconds,samples_per_second",
+        "folder,state,lr,final_test_accuracy,best_test_accuracy,best_epoch,epochs_done,train_seconds,"
+        "samples_per_second",
         "trial-0000,complete,0.0031622776601683794,0.8682,0.8701,1,2,12.35,9720",   # lr: what the trial trained with
         "trial-0001,waiting,0.0001,,,,,,"]
