@@ -23,6 +23,9 @@ from fmnist.config import LEARNED, TrainConfig, flag
 SWEEPABLE = {"recipe": str, **{name: type(getattr(TrainConfig(), name)) for name in LEARNED}}
 LOG_SCALE = {"lr"}        # rates are searched on a log scale
 JOURNAL = "sweep.journal"  # the default storage, in the sweep's folder
+# A worker holds the journal's lock file for the milliseconds of one write; one killed while holding it leaves
+# the file behind, and the others take it over once it has not changed for this long (Optuna's default: 30 s).
+JOURNAL_LOCK_GRACE_SECONDS = 10
 HEARTBEAT_SECONDS = 20     # a database hears from each worker this often; 3 missed beats: the worker is dead
 BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
@@ -148,7 +151,8 @@ def open_storage(url: str | None, folder: Path):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = str(folder / JOURNAL)
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        lock = JournalFileOpenLock(path, grace_period=JOURNAL_LOCK_GRACE_SECONDS)
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
     given, url = url, _with_driver(url)
     try:
         # The heartbeat lets a worker on another machine tell that a trial's worker died: a RUNNING trial
@@ -246,11 +250,14 @@ def _wait_until_ready(study, sweep: Sweep, seconds: float = 30.0):
 
 
 def quiet_optuna() -> None:
+    import logging
     import warnings
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Waiting out a dead worker's journal lock (JOURNAL_LOCK_GRACE_SECONDS) is expected, not worth a warning
+    logging.getLogger("optuna.storages.journal._file").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # A search asks for its trials itself (Study.ask) and keeps the heartbeat itself (fmnist.workers.Heartbeat)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")

@@ -258,3 +258,54 @@ def test_results_csv_rounds_what_it_shows_and_keeps_the_swept_values(tmp_path):
         "samples_per_second",
         "trial-0000,complete,0.0031622776601683794,0.8682,0.8701,1,2,12.35,9720",   # lr: what the trial trained with
         "trial-0001,waiting,0.0001,,,,,,"]
+
+
+# ---- killed workers ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_a_worker_killed_mid_trial_is_resumed_by_the_same_command(tmp_path, real_data, storage, request):
+    """kill -9 of a sweep mid-trial, then the same command: the trial resumes from its last epoch (not trained
+    again), and every grid point ends COMPLETE exactly once."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    extra = []
+    if storage == "postgresql":
+        extra = ["--storage", request.getfixturevalue("postgres_url"), "--study", f"test-{uuid.uuid4().hex[:8]}"]
+    options = ["--lr", "0.01,0.001", "--epochs", "2", "--batch-size", "1000", "--device", "cpu", "--out", str(out),
+               *extra]
+    worker = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "sweep", *options], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(p.is_file() and len(p.read_text().splitlines()) == 1 for p in out.glob("*/metrics.jsonl")):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    [cut] = [p.parent for p in out.glob("*/metrics.jsonl") if len(p.read_text().splitlines()) == 1]
+    first_epoch = metrics(cut)
+
+    result = run_cli("sweep", *options)
+    assert result.exit_code == 0, result.output
+    assert f"{cut.name}: resumed" in result.stdout and f"{cut.name}: epoch 1/2" not in result.stdout
+    resumed = metrics(cut)
+    assert [r["epoch"] for r in resumed] == [1, 2] and resumed[0] == first_epoch[0]
+    stored = trials(out, extra[-1] if extra else None, extra[1] if extra else None)
+    done = Counter(t.user_attrs["folder"] for t in stored if t.state.name == "COMPLETE")
+    assert done == Counter({"lr-0.01": 1, "lr-0.001": 1})
+
+
+def test_a_worker_killed_holding_the_journals_lock_does_not_stop_the_others(tmp_path, real_data):
+    """A lock file left by a worker killed mid-write: the next command takes it over after the grace period
+    (fmnist.sweep.JOURNAL_LOCK_GRACE_SECONDS) and finishes the sweep."""
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / (sweeping.JOURNAL + ".lock")).touch()   # what a worker killed while writing leaves
+    result = subprocess.run([sys.executable, "-m", "fmnist.cli", "sweep", "--lr", "0.01,0.001", "--epochs", "1",
+                             "--batch-size", "2000", "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)   # not for ever
+    assert result.returncode == 0 and not result.stderr, result.stdout + result.stderr
+    assert not (out / (sweeping.JOURNAL + ".lock")).exists()
+    done = Counter(t.user_attrs["folder"] for t in trials(out) if t.state.name == "COMPLETE")
+    assert done == Counter({"lr-0.01": 1, "lr-0.001": 1})
