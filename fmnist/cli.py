@@ -22,8 +22,8 @@ from fmnist import FmnistError, __version__
 from fmnist.config import SCHEDULES, TrainConfig
 
 try:
-    from typer import TyperException as UsageProblem   # typer >= 0.20 carries its own click
-except ImportError:                                     # older typer: click's
+    from typer import TyperException as UsageProblem  # typer >= 0.20 carries its own click
+except ImportError:                                   # older typer: click's
     from click import ClickException as UsageProblem
 
 class OneLineUsageErrors(typer.core.TyperGroup):
@@ -298,6 +298,7 @@ def evaluate(
             return logits.argmax(axis=1), float((scores > threshold).mean()) if threshold is not None else None
     else:
         import torch
+
         from fmnist.checkpoint import load_network
         from fmnist.train import infer
 
@@ -502,10 +503,11 @@ def sweep(
 def _show_sweep(the_study, out_dir: Path) -> None:
     """The table of the trials, best first; results.csv and sweep.png beside the trials; the best run and the
     command that trains it again."""
+    from rich import box
+
     from fmnist import plots, results
     from fmnist.files import prepare_out
     from fmnist.sweep import Sweep
-    from rich import box
 
     prepare_out(out_dir)
     plan = Sweep.from_json(the_study.user_attrs["sweep"])

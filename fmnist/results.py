@@ -5,8 +5,8 @@ import csv
 import io
 from pathlib import Path
 
-from fmnist.files import atomic_path
 from fmnist.config import train_command
+from fmnist.files import atomic_path
 from fmnist.sweep import Sweep, trial_config
 
 COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done", "train_seconds",

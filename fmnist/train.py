@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from fmnist import FmnistError, data, plots
 from fmnist.checkpoint import load_checkpoint, save_checkpoint, write_metrics
-from fmnist.files import hold, prepare_out
 from fmnist.config import TrainConfig, check, recipe, train_command  # noqa: F401  (recipe: the library's, with train)
+from fmnist.files import hold, prepare_out
 from fmnist.model import Network
 
 

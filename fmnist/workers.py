@@ -18,8 +18,17 @@ from pathlib import Path
 
 from fmnist import FmnistError
 from fmnist.config import LEARNED, flag
-from fmnist.sweep import (HEARTBEAT_SECONDS, LOG_SCALE, SWEEPABLE, Range, Sweep, open_storage, open_study,
-                          quiet_optuna, trial_config)
+from fmnist.sweep import (
+    HEARTBEAT_SECONDS,
+    LOG_SCALE,
+    SWEEPABLE,
+    Range,
+    Sweep,
+    open_storage,
+    open_study,
+    quiet_optuna,
+    trial_config,
+)
 
 
 def worker_id() -> str:
@@ -136,10 +145,11 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
     """One trial: an ordinary training run in its folder, resumed there if a checkpoint exists. Its test
     accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
     import optuna
+    from optuna.trial import TrialState
+
     from fmnist.checkpoint import load_checkpoint
     from fmnist.files import WriteError
     from fmnist.train import train
-    from optuna.trial import TrialState
 
     params = suggest(trial, sweep)
     folder = trial.user_attrs.get("folder") or f"trial-{trial.number:04d}"

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fmnist import sweep as sweeping
-from fmnist import workers
+from fmnist import sweep as sweeping, workers
 from tests import tutorial
 from tests.conftest import run_cli
 from tests.test_robust import one_line_error
