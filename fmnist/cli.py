@@ -325,11 +325,11 @@ def evaluate(
 def _print_evaluation(model: str, result, classes) -> None:
     out.print(f"{model}: test accuracy [bold]{result.accuracy:.2%}[/] on {sum(map(sum, result.confusion)):,} images")
     per_class = Table("class", "accuracy", title="per class")
-    for name, accuracy in zip(classes, result.per_class):
+    for name, accuracy in zip(classes, result.per_class, strict=True):
         per_class.add_row(name, f"{accuracy:.1%}")
     out.print(per_class)
     confusion = Table("true \\ predicted", *[str(i) for i in range(len(classes))], title="confusion matrix")
-    for i, (name, row) in enumerate(zip(classes, result.confusion)):
+    for i, (name, row) in enumerate(zip(classes, result.confusion, strict=True)):
         confusion.add_row(f"{i} {name}", *[f"[bold]{n}[/]" if i == j else str(n) for j, n in enumerate(row)])
     out.print(confusion)
 

@@ -96,7 +96,7 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
 
     # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
     pixel_part, conv_part = (torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
-                                                        for i in range(0, len(x), BATCH))))
+                                                        for i in range(0, len(x), BATCH)), strict=True))
     for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
         median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
         getattr(detector, name).copy_(torch.tensor([median, high - median]))

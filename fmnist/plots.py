@@ -73,7 +73,7 @@ def sweep(table: list[dict], swept: list[str], path: Path, title: str = "sweep")
     if len(table) <= 12:
         curves.legend(fontsize=7)
     done = [row for row in table if row["final_test_accuracy"] is not None]
-    for ax, name in zip(by_value, swept):
+    for ax, name in zip(by_value, swept, strict=True):
         values = [row[name] for row in done]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             ax.plot(values, [100 * row["final_test_accuracy"] for row in done], "o")

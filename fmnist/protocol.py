@@ -106,7 +106,8 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
     tensor = request.inputs[0]
     if tensor.datatype not in DATATYPES:
         raise ProtocolError(f"input {name!r}: datatype {tensor.datatype!r} is not supported; send {datatype}")
-    if len(tensor.shape) != len(shape) or any(want not in (-1, got) for want, got in zip(shape, tensor.shape)) \
+    if len(tensor.shape) != len(shape) \
+            or any(want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=True)) \
             or any(got < 0 for got in tensor.shape):
         raise ProtocolError(f"input {name!r}: shape {tensor.shape} does not fit the model's {_shape_text(shape)}")
     count = int(np.prod(tensor.shape))
@@ -173,7 +174,8 @@ def classification(values: np.ndarray, count: int, labels: list[str]) -> np.ndar
         raise ProtocolError("classification needs an output with one row of class values per image (logits)")
     count = min(count, values.shape[1])
     order = np.argsort(-values, axis=1, kind="stable")[:, :count]
-    return np.array([[f"{row[j]:f}:{j}:{labels[j]}" for j in top] for row, top in zip(values, order)], dtype=object)
+    return np.array([[f"{row[j]:f}:{j}:{labels[j]}" for j in top] for row, top in zip(values, order, strict=True)],
+                    dtype=object)
 
 
 def encode_response(response: InferenceResponse, tensors: dict[str, np.ndarray],

@@ -87,7 +87,8 @@ class Evaluation:
 
     def as_dict(self, classes) -> dict:
         return {"accuracy": self.accuracy, "classes": list(classes),
-                "per_class_accuracy": dict(zip(classes, self.per_class)), "confusion_matrix": self.confusion}
+                "per_class_accuracy": dict(zip(classes, self.per_class, strict=True)),
+                "confusion_matrix": self.confusion}
 
 
 def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10) -> Evaluation:

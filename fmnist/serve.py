@@ -78,7 +78,7 @@ class Model:
             parameters["ood_threshold"] = self.threshold
         return {"name": MODEL, "versions": [VERSION], "platform": "onnxruntime_onnx",
                 "inputs": [tensor(self.input_name, list(self.input_shape))],
-                "outputs": [tensor(n, s) for n, s in zip(self.outputs, self.output_shapes)],
+                "outputs": [tensor(n, s) for n, s in zip(self.outputs, self.output_shapes, strict=True)],
                 "parameters": parameters}
 
 
@@ -288,7 +288,7 @@ def create_app(settings: Settings) -> FastAPI:
         if len(images) == 0:
             raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
         wanted = protocol.wanted_outputs(inference, model.outputs)
-        values = dict(zip(model.outputs, await classify(images)))
+        values = dict(zip(model.outputs, await classify(images), strict=True))
         outputs, tensors, binary_outputs = [], {}, {}
         for output, as_binary, class_count in wanted:
             tensor = values[output]
@@ -321,7 +321,7 @@ def create_app(settings: Settings) -> FastAPI:
         scores = outputs[1] if model.threshold is not None else None
         results = runtime.predictions_from(outputs[0], scores, model.classes, model.threshold, top)
         return [{"image": upload.filename, "negated": negated, **result, "input": png_data_url(image)}
-                for upload, (image, negated), result in zip(uploads, prepared, results)]
+                for upload, (image, negated), result in zip(uploads, prepared, results, strict=True)]
 
     @app.get("/")
     async def index():

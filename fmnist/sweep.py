@@ -93,7 +93,8 @@ class Sweep:
     def grid(self) -> list[dict]:
         """Every combination of the listed values, as the params of one trial each."""
         names = self.swept
-        return [dict(zip(names, combination)) for combination in itertools.product(*(self.values[n] for n in names))]
+        return [dict(zip(names, combination, strict=True))
+                for combination in itertools.product(*(self.values[n] for n in names))]
 
     def as_json(self) -> str:
         values = {n: {"range": [v.low, v.high]} if isinstance(v, Range) else v for n, v in self.values.items()}
@@ -121,7 +122,7 @@ def make_sweep(values: dict, trials: int | None, prune: bool) -> Sweep:
         raise FmnistError(f"--trials {trials}: must be 1 or more")
     corners = {n: (v.low, v.high) if isinstance(v, Range) else v for n, v in values.items()}
     for params in itertools.product(*corners.values()):   # an unknown recipe fails here too, in one line
-        check(trial_config(dict(zip(corners, params)), {}, "."))
+        check(trial_config(dict(zip(corners, params, strict=True)), {}, "."))
     return sweep
 
 

@@ -82,7 +82,7 @@ def test_a_checkpoint_holds_cpu_tensors_and_resumes_on_its_device(tmp_path, real
 def few_batches(device: str, n: int = 5):
     torch.manual_seed(0)
     images, labels = torch.rand(n * 100, 1, 28, 28, device=device), torch.randint(0, 10, (n * 100,), device=device)
-    return list(zip(images.split(100), labels.split(100)))
+    return list(zip(images.split(100), labels.split(100), strict=True))
 
 
 def test_fp16_loss_scale_is_saved_and_restored(device):

@@ -113,7 +113,7 @@ def test_predict_agrees_with_evaluate(exported, pngs, test_images):
     result = run_cli("predict", *pngs, "--onnx", exported[0], "--json")
     assert result.exit_code == 0, result.output
     classes = fresh_session(exported[0]).run(None, {"images": images[:12]})[0].argmax(1)
-    assert top1(result) == {p.name: CLASSES[c] for p, c in zip(pngs, classes)}
+    assert top1(result) == {p.name: CLASSES[c] for p, c in zip(pngs, classes, strict=True)}
     human = run_cli("predict", pngs[0], "--onnx", exported[0], "--top", "2")
     assert human.stdout.startswith(f"{pngs[0]}: {CLASSES[classes[0]]} ") and human.stdout.count("%") == 2
 

@@ -38,7 +38,7 @@ def test_augment_makes_flips_and_shifts_of_each_image():
     out = data.augment(images, flip=True, shift=2, generator=torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     flipped_count, offsets = 0, set()
-    for original, got in zip(padded, out):
+    for original, got in zip(padded, out, strict=True):
         matches = [(flip, dy, dx) for flip in (False, True) for dy in range(5) for dx in range(5)
                    if torch.equal((original.flip(2) if flip else original)[:, dy:dy + 28, dx:dx + 28], got)]
         assert matches, "an augmented image is not a flip and shift of its original"

@@ -116,7 +116,7 @@ def test_classification_extension_names_the_top_classes(server, model, images, b
     result = infer(client(server.url), images[:5], binary, class_count=3).as_numpy("logits")
     expected = runtime.predictions(model[1], images[:5], 3)
     assert result.shape == (5, 3)
-    for row, prediction in zip(result, expected):
+    for row, prediction in zip(result, expected, strict=True):
         entries = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]
         assert [label for _, _, label in entries] == [top["class"] for top in prediction["top"]]
         assert [float(value) for value, _, _ in entries] == sorted((float(v) for v, _, _ in entries), reverse=True)

@@ -118,7 +118,7 @@ def sweep_processes(out, *extra, workers=("1", "2")):
                                    "--workers", n, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env) for n in workers]
     outputs = [p.communicate(timeout=300) for p in processes]
-    for p, (stdout, stderr) in zip(processes, outputs):
+    for p, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, stdout + stderr
     return "".join(stdout for stdout, _ in outputs)
 

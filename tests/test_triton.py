@@ -91,7 +91,8 @@ def test_the_repositorys_model_gives_the_shapes_its_config_declares(repository, 
     images = (test.images[:7].astype(np.float32) / 255)[:, None]
     sess = onnxruntime.InferenceSession(str(directory / "fmnist" / "1" / "model.onnx"),
                                         providers=["CPUExecutionProvider"])
-    results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {config.input[0].name: images})))
+    results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {config.input[0].name: images}),
+                       strict=True))
     for name, (dtype, shape) in triton_tensors(config.output, config.max_batch_size).items():
         assert results[name].dtype == dtype and list(results[name].shape) == [len(images)] + shape[1:]
     labels = (directory / "fmnist" / "labels.txt").read_text().splitlines()
