@@ -28,6 +28,9 @@ class Reporter:
     def epoch_end(self, row: dict) -> None: ...
 
 
+SILENT = Reporter()   # the default reporter: it holds no state, so one is shared by every call
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(config: TrainConfig, report: Reporter = Reporter(), resume: bool = False,
+def train(config: TrainConfig, report: Reporter = SILENT, resume: bool = False,
           overwrite: bool = False) -> list[dict]:
     """Train the Network as `config` says; after each epoch, write the checkpoint and metrics to config.out.
 
@@ -206,7 +209,7 @@ class MovingAverage(torch.optim.swa_utils.AveragedModel):
 
 
 def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,
-                report: Reporter = Reporter()) -> tuple[torch.Tensor, torch.Tensor]:
+                report: Reporter = SILENT) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over all `images` in a random order. Returns the summed loss and the number of correct
     predictions, both still on the device: nothing here waits for the device until the caller reads them."""
     n = len(images)
@@ -283,7 +286,7 @@ def compile_ahead(step, images: torch.Tensor, labels: torch.Tensor, batch_size: 
     return time.perf_counter() - start
 
 
-def autocast_dtype(amp: bool, device: torch.device, report: Reporter = Reporter()) -> torch.dtype | None:
+def autocast_dtype(amp: bool, device: torch.device, report: Reporter = SILENT) -> torch.dtype | None:
     """The autocast dtype, or None for float32 throughout. bf16 only where the GPU computes it (Ampere and
     later): is_bf16_supported() alone also says yes where bf16 is merely emulated, slowly, and then the fp16
     path with its loss scaling, the one made for those cards, would never run."""
