@@ -187,7 +187,7 @@ def test_exit_codes_follow_one_rule(tmp_path, monkeypatch):
     for args in (["--epochs"], ["--epoch", "3"], ["--epochs", "three"], ["--lr", "0.1,0.2"]):
         assert run_cli("train", "--out", tmp_path, *args).exit_code == 2, args
     for interruption in (KeyboardInterrupt, typer.Abort):   # older click turns Ctrl-C outside a command into Abort
-        def interrupted(path):
+        def interrupted(path, interruption=interruption):   # this iteration's, bound now
             raise interruption()
 
         monkeypatch.setattr(runtime, "session", interrupted)

@@ -87,7 +87,7 @@ def test_real_splits_load_and_are_balanced(real_data):
 
 
 def test_wrong_contents_fail_the_checksum_naming_the_file(real_data, tmp_path):
-    for name, path in real_data.items():
+    for path in real_data.values():
         shutil.copy(path, tmp_path / path.name)
     fake = tmp_path / "t10k-images-idx3-ubyte"
     for stale in tmp_path.glob("t10k-images-idx3-ubyte*"):
