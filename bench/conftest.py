@@ -14,7 +14,7 @@ import torch
 
 import fmnist
 from bench.common import strict_dynamo
-from bench.report import BASELINES, row_order, with_ratios
+from bench.report import BASELINES, SEPARATE, row_order, serve_report, with_ratios
 from fmnist import data
 
 
@@ -50,7 +50,7 @@ def fresh_dynamo():
 
 def timed_rows(benchmarks) -> list[dict]:
     rows = [{"group": b["group"], "name": b["name"], "extra_info": b["extra_info"]} for b in benchmarks]
-    return with_ratios([r for r in rows if "samples_per_second" in r["extra_info"]])
+    return with_ratios([r for r in rows if "samples_per_second" in r["extra_info"] and r["group"] not in SEPARATE])
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -73,10 +73,16 @@ def ratio_tables(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)   # pytest-benchmark keeps its results there
     if session is None or not session.benchmarks:
         return
+    write = terminalreporter.write_line
+    serving = [{"group": b.group, "name": b.name, "extra_info": b.extra_info} for b in session.benchmarks
+               if b.group == "serve" and "samples_per_second" in b.extra_info]
+    if serving:   # bench/test_serve_speed.py: its table, the goals, batching off and on
+        write("")
+        for line in serve_report(serving):
+            write(line)
     rows = timed_rows([{"group": b.group, "name": b.name, "extra_info": b.extra_info} for b in session.benchmarks])
     if not rows:
         return
-    write = terminalreporter.write_line
     write("")
     write(f"{'group':<10} {'path':<44} {'device':<6} {'batch':>5} {'samples/s':>12} {'x baseline':>10}")
     for r in sorted(rows, key=row_order):

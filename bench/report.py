@@ -7,6 +7,9 @@ off by its time limit loses only its own rows); each row's ratio is taken to its
 An empty or unreadable file (pytest-benchmark writes nothing when no row ran, and truncates the file
 before a run that was then killed) is named below the table and otherwise left out.
 bench/README.md's tables are this script's output, pasted; nothing in them is typed by hand.
+
+The `serve` group (bench/test_serve_speed.py) has tables of its own (serve_report): requests/s, images/s and
+latencies by route and concurrency, the ratios to the serving goals, and dynamic batching off and on.
 """
 
 import json
@@ -38,13 +41,93 @@ def report(runs: list[dict]) -> str:
         "| group | path | device | batch | samples/s | × baseline |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
-    rows = with_ratios([b for run in runs for b in run["benchmarks"] if "samples_per_second" in b["extra_info"]])
+    timed = [b for run in runs for b in run["benchmarks"] if "samples_per_second" in b["extra_info"]]
+    rows = with_ratios([b for b in timed if b["group"] not in SEPARATE])
     rows.sort(key=row_order)
     for b in rows:
         info, ratio = b["extra_info"], f"{b['ratio']:.2f}" if b["ratio"] else "-"
         lines.append(f"| {b['group']} | {info['path']} | {info['device']} | {info['batch_size']} | "
                      f"{info['samples_per_second']:,.0f} | {ratio} |")
+    if not rows:
+        del lines[-3:]   # no table of that kind: the serve group's own follow
+    serving = [b for b in timed if b["group"] == "serve"]
+    if serving:
+        lines += ["", *serve_report(serving)]
     return "\n".join(lines)
+
+
+# Groups with tables of their own, left out of the table above.
+SEPARATE = {"serve"}
+
+# The serving goals: (what, row, bound, measure, goal). A row is (path, images per request, concurrency) of the
+# server with its default settings, or of a bound in the benchmarks' process (concurrency None).
+SERVE_GOALS = [
+    ("v2 binary, 1 image, over the no-op route, concurrency 16", ("v2 binary", 1, 16), ("no-op route", 1, 16),
+     "requests_per_second", 0.90),
+    ("v2 JSON, 1 image, over the no-op route, concurrency 16", ("v2 JSON", 1, 16), ("no-op route", 1, 16),
+     "requests_per_second", 0.80),
+    ("v2 binary, 1024 images, concurrency 2, over onnxruntime in-process at 1024", ("v2 binary", 1024, 2),
+     ("onnxruntime in-process", 1024, None), "samples_per_second", 0.70),
+    ("/predict JPEG, concurrency 16, over `fmnist predict`'s preparation and inference in-process",
+     ("/predict JPEG", 1, 16), ("predict in-process", 1, None), "samples_per_second", 0.80),
+]
+SERVE_ORDER = ["onnxruntime in-process", "predict in-process", "no-op route", "v2 binary", "v2 JSON", "/predict JPEG"]
+IN_PROCESS = "in-process"
+
+
+def serve_report(rows: list[dict]) -> list[str]:
+    """The serve group's markdown: every row, the goals, and dynamic batching off and on."""
+    def figure(value, form="{:,.0f}"):
+        return "-" if value is None else form.format(value)
+
+    def order(b):
+        info = b["extra_info"]
+        path = info["path"]
+        return (SERVE_ORDER.index(path) if path in SERVE_ORDER else len(SERVE_ORDER), path, info["batch_size"],
+                info.get("server") != "default", info.get("server", ""), info.get("concurrency") or 0)
+
+    lines = ["| route | images/request | concurrency | server | requests/s | images/s | p50 ms | p90 ms | p99 ms | "
+             "server CPU ms/request | client CPU ms/request | images/run | refused |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for b in sorted(rows, key=order):
+        info = b["extra_info"]
+        ms = lambda name, info=info: figure(info.get(name), "{:.2f}")   # noqa: E731
+        lines.append(
+            f"| {info['path']} | {info['batch_size']} | {figure(info.get('concurrency'), '{}')} | "
+            f"{info.get('server', '-')} | {figure(info.get('requests_per_second'))} | "
+            f"{figure(info['samples_per_second'])} | {ms('p50_ms')} | {ms('p90_ms')} | {ms('p99_ms')} | "
+            f"{ms('server_cpu_ms_per_request')} | {ms('client_cpu_ms_per_request')} | "
+            f"{figure(info.get('images_per_run'), '{:.1f}')} | {figure(info.get('refused'), '{:.0%}')} |")
+
+    by_key = {}
+    for b in rows:
+        info = b["extra_info"]
+        if info.get("server") in ("default", IN_PROCESS):
+            by_key[(info["path"], info["batch_size"], info.get("concurrency"))] = info
+    lines += ["", "| goal | row | bound | ratio | goal | met |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for what, row, bound, measure, goal in SERVE_GOALS:
+        a, b = by_key.get(row, {}).get(measure), by_key.get(bound, {}).get(measure)
+        unit = "requests/s" if measure == "requests_per_second" else "images/s"
+        ratio = a / b if a and b else None
+        met = "-" if ratio is None else ("yes" if ratio >= goal else "no")
+        lines.append(f"| {what} ({unit}) | {figure(a)} | {figure(b)} | {figure(ratio, '{:.2f}')} | {goal:.2f} | "
+                     f"{met} |")
+
+    batching = [b["extra_info"] for b in rows if b["extra_info"]["path"] == "v2 binary"
+                and b["extra_info"]["batch_size"] == 1 and b["extra_info"].get("concurrency") in (16, 64)]
+    servers = sorted({info["server"] for info in batching}, key=lambda s: (s != "default", s))
+    if len(servers) > 1:
+        lines += ["", "| v2 binary, 1 image: server | " + " | ".join(
+            f"concurrency {c}: {what}" for c in (16, 64) for what in ("requests/s", "p50 ms", "p99 ms", "images/run"))
+            + " |", "| --- |" + " ---: |" * 8]
+        for server in servers:
+            cells = []
+            for concurrency in (16, 64):
+                info = next((i for i in batching if i["server"] == server and i["concurrency"] == concurrency), {})
+                cells += [figure(info.get("requests_per_second")), figure(info.get("p50_ms"), "{:.2f}"),
+                          figure(info.get("p99_ms"), "{:.2f}"), figure(info.get("images_per_run"), "{:.1f}")]
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def row_order(b: dict):
