@@ -153,7 +153,8 @@ def train(
         "exactly. The options below default to the recipe's values (shown: tuned's).")] = "tuned",
     epochs: Annotated[Optional[int], typer.Option(help="Full passes over the 60,000 training images.",
                                                   show_default=str(TUNED.epochs))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.", show_default=str(TUNED.batch_size))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.",
+                                                      show_default=str(TUNED.batch_size))] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; with a schedule, its peak.",
                                                 show_default=str(TUNED.lr))] = None,
     schedule: Annotated[Optional[str], typer.Option(metavar=f"[{'|'.join(SCHEDULES)}]", show_default=TUNED.schedule,
@@ -172,8 +173,8 @@ def train(
     device: Annotated[str, typer.Option(metavar="[auto|cpu|cuda]",
                                         help="auto takes CUDA when present.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the Network.")] = False,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp",
-                                      help="CUDA autocast (bf16, or fp16 with loss scaling); no effect on CPU.")] = False,
+    amp: Annotated[bool, typer.Option(
+        "--amp/--no-amp", help="CUDA autocast (bf16, or fp16 with loss scaling); no effect on CPU.")] = False,
     data_dir: DataDir = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for fmnist.pt, metrics.jsonl and curves.png.")]
         = Path("export"),

@@ -88,6 +88,7 @@ def verify(path: Path, detector: ood.Detector, test: data.Split, threshold: floa
         score_diff = np.abs(scores - expected_scores) / np.maximum(1, np.abs(expected_scores))
         if score_diff.max() > SCORE_TOLERANCE:
             raise FmnistError(f"onnxruntime's ood_score disagrees with torch's at batch size {batch_size} (relative "
-                              f"difference {score_diff.max():.2e}, tolerance {SCORE_TOLERANCE:.0e}); nothing was written")
+                              f"difference {score_diff.max():.2e}, tolerance {SCORE_TOLERANCE:.0e}); "
+                              "nothing was written")
     accuracy = float((logits.argmax(1) == test.labels).mean())
     return Verification(diffs, accuracy, threshold, float((scores > threshold).mean()))

@@ -71,7 +71,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
     """The request's JSON part, and the binary bytes that follow it (empty without the extension)."""
     if not body:
         raise ProtocolError("empty body: send an inference request, e.g. "
-                            '{"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [...]}]}')
+                            '{"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", '
+                            '"data": [...]}]}')
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -127,7 +128,8 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
         if binary:
             raise ProtocolError(f"{len(binary)} bytes follow the JSON header but no input has binary_data_size")
         if tensor.data is None:
-            raise ProtocolError(f"input {name!r}: no data; give data, or binary_data_size with the bytes after the JSON")
+            raise ProtocolError(f"input {name!r}: no data; "
+                                "give data, or binary_data_size with the bytes after the JSON")
         try:
             array = np.asarray(tensor.data, dtype=dtype)
         except (ValueError, TypeError):

@@ -32,7 +32,8 @@ def rows(study) -> list[dict]:
         table.append({"folder": folder, "state": trial.state.name.lower(), "trial": trial.number, **params,
                       **{column: result.get(column) for column in COLUMNS}, "curve": result.get("curve", []),
                       "error": trial.user_attrs.get("error")})
-    return sorted(table, key=lambda r: (r["final_test_accuracy"] is None, -(r["final_test_accuracy"] or 0), r["folder"]))
+    return sorted(table, key=lambda r: (r["final_test_accuracy"] is None, -(r["final_test_accuracy"] or 0),
+                                        r["folder"]))
 
 
 def write_csv(table: list[dict], sweep: Sweep, path: Path) -> None:

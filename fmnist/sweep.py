@@ -164,7 +164,8 @@ def open_storage(url: str | None, folder: Path):
             engine_kwargs={"pool_pre_ping": True})
     except ImportError:   # SQLAlchemy found no driver for this kind of database
         hint = 'pip install "fmnist[postgres]"' if url.startswith("postgres") else "install its SQLAlchemy driver"
-        raise FmnistError(f"--storage {_hide_password(given)}: no Python driver for this database here; {hint}") from None
+        raise FmnistError(f"--storage {_hide_password(given)}: "
+                          f"no Python driver for this database here; {hint}") from None
     except Exception as e:   # SQLAlchemy's errors: a bad URL, a server that does not answer, a bad password
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FmnistError(f"--storage {_hide_password(given)}: cannot use this database ({first}); check the URL "
@@ -197,7 +198,8 @@ def open_study(storage, name: str, sweep: Sweep):
 
     # --prune: once 3 trials have finished, a trial whose test accuracy at an epoch (from the 2nd on) is below
     # the median of the others' at that epoch is stopped.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2) if sweep.prune else optuna.pruners.NopPruner()
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2) if sweep.prune
+              else optuna.pruners.NopPruner())
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
@@ -219,7 +221,8 @@ def open_study_to_show(url: str | None, folder: Path, name: str):
     try:
         study = optuna.load_study(storage=open_storage(url, folder), study_name=name)
     except KeyError:
-        raise FmnistError(f"no sweep named {name} in that storage; give --study NAME (or the --out it ran with)") from None
+        raise FmnistError(f"no sweep named {name} in that storage; "
+                          "give --study NAME (or the --out it ran with)") from None
     if "sweep" not in study.user_attrs:
         raise FmnistError(f"study {name} was not made by `fmnist sweep`")
     return study

@@ -73,7 +73,8 @@ def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporte
         try:
             state.load_state_dict(saved["training"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise FmnistError(f"{out / 'fmnist.pt'} cannot be resumed ({type(e).__name__}: {e}); train afresh") from None
+            raise FmnistError(f"{out / 'fmnist.pt'} cannot be resumed ({type(e).__name__}: {e}); "
+                              "train afresh") from None
         history = saved["metrics"]
         if len(history) >= config.epochs:
             report.note(f"nothing to resume: the run in {out} has done {len(history)} of {config.epochs} epochs")

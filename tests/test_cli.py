@@ -82,7 +82,8 @@ def test_summary_gives_compile_time_apart_and_the_training_time_to_90_percent(ca
 
     rows = [dict(epoch=epoch, train_loss=0.3, train_accuracy=0.9, test_loss=0.3, test_accuracy=accuracy,
                  train_seconds=0.25, samples_per_second=240_000, compile_seconds=compile_seconds)
-            for epoch, accuracy, compile_seconds in [(1, 0.85, 7.5), (2, 0.8999, 0.0), (3, 0.9012, 0.0), (4, 0.89, 0.0)]]
+            for epoch, accuracy, compile_seconds in [(1, 0.85, 7.5), (2, 0.8999, 0.0), (3, 0.9012, 0.0),
+                                                     (4, 0.89, 0.0)]]
     _summary(rows, tmp_path, seconds=12.0)
     text = capsys.readouterr().out
     assert "epoch 3, after 0.75 s of training" in text            # the first epoch at 90%, its time summed

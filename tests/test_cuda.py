@@ -75,7 +75,8 @@ def test_a_checkpoint_holds_cpu_tensors_and_resumes_on_its_device(tmp_path, real
     assert [row["epoch"] for row in history] == [1, 2]
     # A CPU-only process reads it with the README's snippet, and evaluates it.
     code = ("import torch; from fmnist.checkpoint import load_network; assert not torch.cuda.is_available(); "
-            f"torch.load({str(tmp_path / 'fmnist.pt')!r}, weights_only=True); load_network({str(tmp_path / 'fmnist.pt')!r})")
+            f"torch.load({str(tmp_path / 'fmnist.pt')!r}, weights_only=True); "
+            f"load_network({str(tmp_path / 'fmnist.pt')!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 

@@ -161,7 +161,8 @@ def test_an_image_too_large_to_decode_is_one_line_and_the_others_are_classified(
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20_000)       # 90,000 pixels: over twice the limit
     result = run_cli("predict", pngs[0], big, pngs[1], "--onnx", exported[0], "--json")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.strip() == f"error: {big}: too large to decode safely (over 40,000 pixels); scale it down first"
+    assert result.stderr.strip() == (f"error: {big}: too large to decode safely (over 40,000 pixels); "
+                                     "scale it down first")
     assert set(top1(result)) == {pngs[0].name, pngs[1].name}
 
 

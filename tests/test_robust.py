@@ -62,7 +62,8 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_an_image_that_cannot_be_decoded(tmp_path, trained):
     out, _ = trained
-    assert run_cli("export", "--onnx", "--checkpoint", out / "fmnist.pt", "--output", tmp_path / "m.onnx").exit_code == 0
+    exported = run_cli("export", "--onnx", "--checkpoint", out / "fmnist.pt", "--output", tmp_path / "m.onnx")
+    assert exported.exit_code == 0
     bad = tmp_path / "photo.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     one_line_error(run_cli("predict", bad, "--onnx", tmp_path / "m.onnx"), f"{bad}: cannot read this image")
@@ -96,7 +97,8 @@ def test_interrupt_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, re
     b = torch.load(tmp_path / "cut" / "fmnist.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["training"]["model"][k], b["training"]["model"][k]) for k in a["model"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train_seconds", "samples_per_second")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train_seconds", "samples_per_second")}  # noqa: E731
+                          for r in rows]
     assert strip(resumed) == strip(whole)
     lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
@@ -145,7 +147,8 @@ def checkpoint_of(folder, epochs_done: int, epochs: int, schedule="onecycle"):
     row = dict(epoch=0, train_loss=1.0, train_accuracy=0.5, test_loss=1.0, test_accuracy=0.5, train_seconds=1.0,
                samples_per_second=60_000.0, compile_seconds=0.0)
     history = [{**row, "epoch": e} for e in range(1, epochs_done + 1)]
-    save_checkpoint(folder / "fmnist.pt", TrainingState(config, torch.device("cpu"), steps_per_epoch=10), config, history)
+    save_checkpoint(folder / "fmnist.pt", TrainingState(config, torch.device("cpu"), steps_per_epoch=10), config,
+                    history)
     return folder / "fmnist.pt"
 
 

@@ -143,7 +143,8 @@ def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[byt
     boundary = "fmnist-test-boundary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
              f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n" for name, content in files]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return (b"".join(parts) + f"--{boundary}--\r\n".encode(),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
 def jpeg(pixels: np.ndarray | int) -> bytes:
@@ -435,7 +436,8 @@ def test_fuzz_no_route_answers_500_and_the_server_goes_on(exported):
         "outputs": st.lists(st.fixed_dictionaries({"name": mostly("logits", st.text(max_size=8))},
                                                   optional={"parameters": parameters}), max_size=3)})
     infer_body = st.tuples(request, tensor).map(
-        lambda rt: json.dumps({**rt[0], "inputs": rt[0]["inputs"] if rt[0]["inputs"] is not None else [rt[1]]}).encode())
+        lambda rt: json.dumps({**rt[0],
+                               "inputs": rt[0]["inputs"] if rt[0]["inputs"] is not None else [rt[1]]}).encode())
     upload = st.lists(st.tuples(st.text(max_size=8), st.one_of(st.binary(max_size=200), st.just(truncated_jpeg()))),
                       min_size=1, max_size=3).map(multipart)
     headers = st.dictionaries(st.sampled_from(["Inference-Header-Content-Length", "Content-Type", "Content-Encoding"]),

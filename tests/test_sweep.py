@@ -63,7 +63,8 @@ def test_a_grid_runs_every_combination_once_and_a_rerun_trains_nothing(tmp_path,
         assert float(row["train_seconds"]) == round(rows[-1]["train_seconds"], 2)   # metrics.jsonl: full precision
         assert f"{rows[-1]['test_accuracy']:.2%}" in result.stdout
         checkpoint = torch.load(folder / "fmnist.pt", weights_only=True)   # an ordinary run, in every way
-        assert checkpoint["config"]["lr"] == float(row["lr"]) and checkpoint["config"]["batch_size"] == int(row["batch_size"])
+        assert checkpoint["config"]["lr"] == float(row["lr"])
+        assert checkpoint["config"]["batch_size"] == int(row["batch_size"])
         tutorial.Network().load_state_dict(checkpoint["model"])
         events = EventAccumulator(str(folder))
         events.Reload()
@@ -240,7 +241,8 @@ def test_train_writes_tensorboard_events_of_every_epoch(tmp_path, real_data):
 
 def test_tensorboard_without_the_extra_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
-    one_line_error(run_cli("train", "--out", tmp_path, "--tensorboard", tmp_path / "tb"), 'pip install "fmnist[tensorboard]"')
+    one_line_error(run_cli("train", "--out", tmp_path, "--tensorboard", tmp_path / "tb"),
+                   'pip install "fmnist[tensorboard]"')
 
 
 def test_results_csv_rounds_what_it_shows_and_keeps_the_swept_values(tmp_path):
