@@ -114,15 +114,16 @@ def serve_report(rows: list[dict]) -> list[str]:
                      f"{met} |")
 
     batching = [b["extra_info"] for b in rows if b["extra_info"]["path"] == "v2 binary"
-                and b["extra_info"]["batch_size"] == 1 and b["extra_info"].get("concurrency") in (16, 64)]
+                and b["extra_info"]["batch_size"] == 1 and b["extra_info"].get("concurrency")]
     servers = sorted({info["server"] for info in batching}, key=lambda s: (s != "default", s))
+    levels = sorted({info["concurrency"] for info in batching})
     if len(servers) > 1:
         lines += ["", "| v2 binary, 1 image: server | " + " | ".join(
-            f"concurrency {c}: {what}" for c in (16, 64) for what in ("requests/s", "p50 ms", "p99 ms", "images/run"))
-            + " |", "| --- |" + " ---: |" * 8]
+            f"concurrency {c}: {what}" for c in levels for what in ("requests/s", "p50 ms", "p99 ms", "images/run"))
+            + " |", "| --- |" + " ---: |" * 4 * len(levels)]
         for server in servers:
             cells = []
-            for concurrency in (16, 64):
+            for concurrency in levels:
                 info = next((i for i in batching if i["server"] == server and i["concurrency"] == concurrency), {})
                 cells += [figure(info.get("requests_per_second")), figure(info.get("p50_ms"), "{:.2f}"),
                           figure(info.get("p99_ms"), "{:.2f}"), figure(info.get("images_per_run"), "{:.1f}")]

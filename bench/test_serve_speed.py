@@ -11,7 +11,7 @@ Rows: the v2 protocol with one image as JSON and as binary (Triton's binary tens
 stack alone, the bound of a single-image request); at concurrency 1, 16 and 64. Beside them, in this process, the
 bounds without HTTP: onnxruntime at batch 1 and 1024, and `fmnist predict`'s preparation and inference of the
 JPEG. Dynamic batching off (max_batch 1) and with a delay (max_delay_ms 1 and 2), against the default, on the
-binary single image at 16 and 64; there too onnxruntime on one thread (threads 1, where the server's default is one
+binary single image at 1, 16 and 64; there too onnxruntime on one thread (threads 1, where the server's default is one
 per core). bench/report.py prints the table, the ratios to the goals and the batching table after the run.
 
 Before a route is timed, its answer to one request is checked against onnxruntime in this process. Each row:
@@ -412,7 +412,7 @@ def batching_server(request, served_onnx):
 
 
 @pytest.mark.benchmark(group="serve")
-@pytest.mark.parametrize("concurrency", [16, 64])
+@pytest.mark.parametrize("concurrency", CONCURRENCY)
 def test_v2_binary_batching(benchmark, batching_server, session, images, concurrency):
     request = check_v2(batching_server, session, images[:1], binary=True)
     measure(benchmark, batching_server, request, path="v2 binary", images=1, concurrency=concurrency,
