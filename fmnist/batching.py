@@ -71,7 +71,8 @@ class Batcher:
     def _take(self) -> list[_Waiting]:
         """The oldest requests, up to max_batch images in all (always at least one request); requests whose
         client has gone are dropped here, unrun."""
-        batch, size = [], 0
+        batch: list[_Waiting] = []
+        size = 0
         while self.waiting and (not batch or size + len(self.waiting[0].images) <= self.max_batch):
             item = self.waiting.popleft()
             self.queued -= len(item.images)

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
@@ -24,14 +24,16 @@ from fmnist.config import SCHEDULES, TrainConfig
 try:
     from typer import TyperException as UsageProblem  # typer >= 0.20 carries its own click
 except ImportError:                                   # older typer: click's
-    from click import ClickException as UsageProblem
+    from click import ClickException as UsageProblem  # type: ignore[assignment]  # mypy reads the newer typer
 
 class OneLineUsageErrors(typer.core.TyperGroup):
     """A mistyped command line (an unknown option, a missing value) is one `error:` line, like every other
     error of fmnist, rather than click's usage block and boxed message. Exit codes, as the README gives them: 2
     for these, 1 for a value, file or data the user can fix (`friendly`), 130 interrupted."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    # The ignore: click's main has windows_expand_args after standalone_mode; this one takes it, and whatever
+    # else a click version adds, in **extra and passes it on.
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -195,8 +197,8 @@ def train(
 
     if compile:   # on a machine without CUDA, torch.compile warns that it found no CUDA toolkit: irrelevant here
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    runtime = dict(device=device, compile=compile, amp=amp, data_dir=str(data_dir) if data_dir else None,
-                   out=str(out_dir))
+    runtime: dict[str, Any] = dict(device=device, compile=compile, amp=amp,
+                                   data_dir=str(data_dir) if data_dir else None, out=str(out_dir))
     learning = dict(batch_size=batch_size, lr=lr, schedule=schedule, flip=flip, shift=shift,
                     label_smoothing=label_smoothing, ema=ema, seed=seed)
     if resume:
@@ -204,7 +206,8 @@ def train(
             learning, recipe=recipe if recipe != "tuned" else None))
     else:
         config = recipe_config(recipe, epochs=epochs, **learning, **runtime)
-    bars = reporter = RichReporter()
+    bars = RichReporter()
+    reporter: training.Reporter = bars
     if tensorboard:
         from fmnist.tensorboard import TensorBoardReporter
 
@@ -296,7 +299,10 @@ def evaluate(
 
         def classify(images):
             logits, scores = runtime.run(sess, images)
-            return logits.argmax(axis=1), float((scores > threshold).mean()) if threshold is not None else None
+            if threshold is None:
+                return logits.argmax(axis=1), None
+            assert scores is not None   # ood_threshold gives a threshold only to a model with ood_score
+            return logits.argmax(axis=1), float((scores > threshold).mean())
     else:
         import torch
 
@@ -542,7 +548,7 @@ class RichReporter:
 
     def __init__(self, refresh_seconds: float = 0.2):
         self.refresh_seconds = refresh_seconds
-        self.progress = None
+        self.progress: Progress | None = None
         self.trained = 0   # epochs ended here: after --resume, fewer than the run's
 
     def note(self, message: str) -> None:

@@ -47,6 +47,7 @@ def to_onnx(model: torch.nn.Module, threshold: float | None = None) -> onnx.Mode
         model.eval(), (example,), input_names=["images"],
         output_names=["logits", "ood_score"] if detector else ["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False)
+    assert program is not None   # dynamo=True: the exporter returns its ONNXProgram
     proto = program.model_proto
     metadata = dict(METADATA, ood_threshold=repr(threshold)) if detector else METADATA
     for key, value in metadata.items():
@@ -91,4 +92,5 @@ def verify(path: Path, detector: ood.Detector, test: data.Split, threshold: floa
                               f"difference {score_diff.max():.2e}, tolerance {SCORE_TOLERANCE:.0e}); "
                               "nothing was written")
     accuracy = float((logits.argmax(1) == test.labels).mean())
+    assert scores is not None   # the model was exported with its ood_score just now
     return Verification(diffs, accuracy, threshold, float((scores > threshold).mean()))

@@ -31,6 +31,15 @@ class Detector(nn.Module):
     """The Network with its out-of-distribution score: images (N, 1, 28, 28) in; logits (N, 10), the
     Network's own, and ood_score (N,) out. Higher: less like a Fashion-MNIST image."""
 
+    # The buffers that __init__ registers from `fitted`, by name (fit() computes them).
+    pixel_means: torch.Tensor
+    pixel_whiten: torch.Tensor
+    pixel_scale: torch.Tensor
+    conv_means: torch.Tensor
+    conv_whiten: torch.Tensor
+    conv_logdet: torch.Tensor
+    conv_scale: torch.Tensor
+
     def __init__(self, network: Network, fitted: dict[str, np.ndarray]):
         super().__init__()
         self.network = network

@@ -21,7 +21,8 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 # The protocol's datatypes that fmnist's tensors use, and the numpy types they are on the wire (little endian).
-DATATYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
+                                   "UINT8": np.dtype("u1")}
 BINARY_HEADER = "Inference-Header-Content-Length"
 
 

@@ -140,6 +140,7 @@ def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> tup
             image = ImageOps.exif_transpose(image)
             image.load()
     except Image.DecompressionBombError:
+        assert Image.MAX_IMAGE_PIXELS is not None   # PIL raises this only while it has a limit
         raise FmnistError(f"{name}: too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
                           "scale it down first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -196,7 +197,10 @@ def predictions_from(all_logits: np.ndarray, scores: np.ndarray | None, names: l
     results = []
     for i, probabilities in enumerate(softmax(all_logits)):
         top = [{"class": names[j], "probability": float(probabilities[j])} for j in np.argsort(-probabilities)[:k]]
-        score = float(scores[i]) if threshold is not None else None
-        results.append({"top": top, "out_of_distribution": score > threshold if score is not None else None,
-                        "ood_score": score})
+        score = flagged = None   # the model cannot tell
+        if threshold is not None:
+            assert scores is not None   # ood_threshold gives a threshold only to a model with ood_score
+            score = float(scores[i])
+            flagged = score > threshold
+        results.append({"top": top, "out_of_distribution": flagged, "ood_score": score})
     return results

@@ -73,7 +73,7 @@ class Model:
         """The protocol's model metadata; `parameters` adds the class names and the out-of-distribution
         threshold, which the protocol has no field for."""
         tensor = lambda name, shape: {"name": name, "datatype": "FP32", "shape": shape}   # noqa: E731
-        parameters = {"classes": self.classes}
+        parameters: dict[str, object] = {"classes": self.classes}
         if self.threshold is not None:
             parameters["ood_threshold"] = self.threshold
         return {"name": MODEL, "versions": [VERSION], "platform": "onnxruntime_onnx",

@@ -4,6 +4,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,10 @@ from fmnist.files import hold, prepare_out
 from fmnist.model import Network
 
 
-class Reporter:
-    """Where the library tells about its progress. This one stays silent; the CLI's draws bars and lines."""
+class Reporter(Protocol):
+    """Where the library tells about its progress: any object with these methods. Silent, the default, says
+    nothing; the CLI's draws bars and lines; a sweep's trial tells Optuna. A Protocol, not a base class: the
+    CLI's lives in cli.py, which cannot import this module (and so torch) when it is imported."""
 
     def note(self, message: str) -> None: ...
 
@@ -28,7 +31,19 @@ class Reporter:
     def epoch_end(self, row: dict) -> None: ...
 
 
-SILENT = Reporter()   # the default reporter: it holds no state, so one is shared by every call
+class Silent:
+    """The Reporter that says nothing; subclass it to hear only some of what a run tells."""
+
+    def note(self, message: str) -> None: ...
+
+    def epoch_start(self, epoch: int, epochs: int, samples: int) -> None: ...
+
+    def step(self, samples_done: int, loss: torch.Tensor) -> None: ...
+
+    def epoch_end(self, row: dict) -> None: ...
+
+
+SILENT = Silent()   # the default reporter: it holds no state, so one is shared by every call
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,11 +149,12 @@ class TrainingState:
                  amp_dtype: torch.dtype | None = None):
         # channels_last: mkldnn's convolutions run faster in it on the CPU; the arithmetic is unchanged.
         # fused: one kernel for all the parameters' Adam updates. What each is worth, measured:
-        # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md).
-        self.model = Network().to(device, memory_format=torch.channels_last)
+        # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md). The ignore: torch's stubs
+        # have no overload of Module.to for a device and a memory format together, which Module.to takes.
+        self.model: Network = Network().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
         total_steps = config.epochs * steps_per_epoch     # the schedules are stepped once per batch
-        self.scheduler = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if config.schedule == "onecycle":
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, config.lr, total_steps)
         elif config.schedule == "cosine":
@@ -151,7 +167,7 @@ class TrainingState:
 
     def network(self) -> Network:
         """The Network to evaluate and to save: the moving average of the weights when there is one."""
-        return self.ema.module if self.ema else self.model
+        return cast(Network, self.ema.module) if self.ema else self.model   # the average of self.model
 
     def state_dict(self) -> dict:
         return {
@@ -193,7 +209,8 @@ class MovingAverage(torch.optim.swa_utils.AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        averaged, current = list(self.module.parameters()), list(model.parameters())
+        averaged: list[torch.Tensor] = list(self.module.parameters())
+        current: list[torch.Tensor] = list(model.parameters())
         if self.updates == 0:
             torch._foreach_copy_(averaged, current)
         else:

@@ -96,6 +96,7 @@ def next_trial(study, sweep: Sweep):
         except UpdateFinishedTrialError:
             continue
     if sweep.is_search:
+        assert sweep.trials is not None   # make_sweep refuses a search without --trials
         started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         started = [t for t in started if "retry_of" not in t.system_attrs]   # a resumed trial counts once
         if len(started) < sweep.trials:
@@ -149,7 +150,7 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
 
     from fmnist.checkpoint import load_checkpoint
     from fmnist.files import WriteError
-    from fmnist.train import train
+    from fmnist.train import Reporter, train
 
     params = suggest(trial, sweep)
     folder = trial.user_attrs.get("folder") or f"trial-{trial.number:04d}"
@@ -161,19 +162,20 @@ def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
     resume = (out / "fmnist.pt").is_file()
     if resume:
         _check_same_run(load_checkpoint(out / "fmnist.pt")["config"], config, out)
-    report = TrialReporter(trial, folder, say)
+    lines = TrialReporter(trial, folder, say)
+    report: Reporter = lines
     if runtime.tensorboard:
         from fmnist.tensorboard import TensorBoardReporter
 
-        report = TensorBoardReporter(out, config, report)
+        report = TensorBoardReporter(out, config, lines)
     say(f"{folder}: {'resumed' if resume else 'started'} (trial {trial.number})")
     with Heartbeat(study, trial):
         try:
             history = train(config, report, resume=resume)
         except optuna.TrialPruned:
-            _record(trial, report.history)
+            _record(trial, lines.history)
             study.tell(trial, state=TrialState.PRUNED)
-            say(f"{folder}: pruned after epoch {len(report.history)} (behind the median)")
+            say(f"{folder}: pruned after epoch {len(lines.history)} (behind the median)")
             return
         except WriteError:        # a full disk: the machine's problem, not the values'. Kept for the next try
             study.tell(trial, state=TrialState.FAIL)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fmnist import FmnistError
-from fmnist.train import Reporter, recipe, train
+from fmnist.train import Silent, recipe, train
 from tests.conftest import run_cli
 
 
@@ -69,7 +69,7 @@ def test_an_image_that_cannot_be_decoded(tmp_path, trained):
     one_line_error(run_cli("predict", bad, "--onnx", tmp_path / "m.onnx"), f"{bad}: cannot read this image")
 
 
-class InterruptAt(Reporter):
+class InterruptAt(Silent):
     """Ctrl-C as the given epoch starts."""
 
     def __init__(self, epoch):
