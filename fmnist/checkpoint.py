@@ -9,6 +9,7 @@ import json
 import platform
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,8 +18,11 @@ from fmnist.config import TrainConfig, train_command
 from fmnist.files import atomic_path
 from fmnist.model import Network
 
+if TYPE_CHECKING:   # for hints alone: fmnist.train imports this module
+    from fmnist.train import TrainingState
 
-def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> TrainConfig:
+
+def resumed_config(epochs: int | None, out: str, changed: dict, **runtime: Any) -> TrainConfig:
     """The config of the run saved in `out`, to continue it. Where it runs (device, compile, amp, data_dir)
     may change; so may --epochs, unless the step size follows a schedule planned for the saved number."""
     path = Path(out) / "fmnist.pt"
@@ -47,7 +51,7 @@ def resumed_config(epochs: int | None, out: str, changed: dict, **runtime) -> Tr
     return config
 
 
-def save_checkpoint(path: Path, state, config: TrainConfig, history: list[dict]) -> None:   # fmnist.train.TrainingState
+def save_checkpoint(path: Path, state: "TrainingState", config: TrainConfig, history: list[dict]) -> None:
     """The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
     beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
     needs."""
@@ -65,7 +69,7 @@ def save_checkpoint(path: Path, state, config: TrainConfig, history: list[dict])
         tmp.write_bytes(buffer.getvalue())
 
 
-def on_cpu(value):
+def on_cpu(value: Any) -> Any:
     """`value` with every tensor in it moved to the CPU: a GPU run's checkpoint then loads on any machine,
     torch.load(path, weights_only=True) as it is. Resuming puts each tensor back on the training device
     (load_state_dict copies weights into the device's tensors; Adam moves its state to its parameters')."""

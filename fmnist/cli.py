@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, ParamSpec, TypeVar
 
 import typer
 import typer.core
@@ -20,6 +21,9 @@ from rich.table import Table
 
 from fmnist import FmnistError, __version__
 from fmnist.config import SCHEDULES, TrainConfig
+
+if TYPE_CHECKING:   # for hints alone: importing torch here would slow --help
+    import torch
 
 try:
     from typer import TyperException as UsageProblem  # typer >= 0.20 carries its own click
@@ -104,12 +108,16 @@ def print_error(error: FmnistError | str) -> None:
     err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)   # [..] is not markup
 
 
-def friendly(command):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def friendly(command: Callable[P, R]) -> Callable[P, R]:
     """Run a command so that a problem the user can fix is one line on stderr and exit code 1, not a
     traceback. FMNIST_DEBUG=1 (or `fmnist --debug`) shows the traceback instead."""
 
     @functools.wraps(command)
-    def run(*args, **kwargs):
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
         except FmnistError as e:
@@ -136,7 +144,7 @@ def main(
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors "
                                                         "(or set FMNIST_DEBUG=1).")] = False,
-):
+) -> None:
     if debug:
         os.environ["FMNIST_DEBUG"] = "1"   # read by `friendly`
 
@@ -187,7 +195,7 @@ def train(
     tensorboard: Annotated[Optional[Path], typer.Option(
         help='Also write TensorBoard event files (every epoch\'s metrics, the options as hparams) into this '
              'folder; needs pip install "fmnist\\[tensorboard]".')] = None,
-):
+) -> None:
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
     if any("," in text or ".." in text for text in (recipe, schedule or "")):   # the numbers' are click's to refuse
         raise typer.BadParameter("a list or range")   # a usage error: usage_message says it is fmnist sweep's
@@ -244,7 +252,7 @@ def export_command(
     triton: Annotated[Optional[Path], typer.Option(metavar="DIR", help=(
         "Also write a Triton model repository for the ONNX model into this folder: DIR/fmnist."))] = None,
     data_dir: DataDir = None,
-):
+) -> None:
     """Export a trained Network to one self-contained ONNX file, verified on the test set before it is kept."""
     if triton and not onnx:
         raise FmnistError("--triton writes a Triton model repository for the ONNX model: add --onnx")
@@ -279,7 +287,7 @@ def evaluate(
     plot: Annotated[Optional[Path], typer.Option(
         help="Also draw the confusion matrix into this file (.png, .svg or .pdf).")] = None,
     data_dir: DataDir = None,
-):
+) -> None:
     """Accuracy on the 10,000 test images: overall, per class, and the confusion matrix."""
     if checkpoint and onnx:
         raise FmnistError("give --checkpoint or --onnx, not both")
@@ -352,7 +360,7 @@ def predict(
              "background is negated, to become a light garment on dark as in Fashion-MNIST.")] = None,
     top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-):
+) -> None:
     """Classify image files with onnxruntime (no torch): the top classes and their probabilities.
 
     An image that cannot be read is reported on stderr; the others are still classified, and the exit
@@ -407,7 +415,7 @@ def serve(
                                            "together (dynamic batching); 1 turns it off.")] = 256,
     max_delay_ms: Annotated[float, typer.Option(help="How long a run waits for more requests after the first.")] = 0.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 32.0,
-):
+) -> None:
     """Answer requests over HTTP with onnxruntime (no torch): the KServe v2 / Triton protocol at /v2, image
     files at /predict, a page for people at /, Prometheus metrics at /metrics."""
     try:
@@ -465,7 +473,7 @@ def sweep(
     data_dir: DataDir = None,
     out_dir: Annotated[Path, typer.Option("--out", help="The sweep's folder: a folder per trial, results.csv, "
                                           "sweep.png and the journal.")] = Path("runs/sweep"),
-):
+) -> None:
     """Many training runs compared: every combination of the listed values (a grid), or --trials N drawn
     from ranges lo..hi (a search). Running the same command again continues the sweep."""
     from fmnist import sweep as sweeping
@@ -546,7 +554,7 @@ class RichReporter:
     """Draws a progress bar per epoch and prints a line after it (fmnist.train.Reporter's interface). The bar is
     drawn on a terminal only: into a pipe or a log, rich's transient bar leaves an empty line behind."""
 
-    def __init__(self, refresh_seconds: float = 0.2):
+    def __init__(self, refresh_seconds: float = 0.2) -> None:
         self.refresh_seconds = refresh_seconds
         self.progress: Progress | None = None
         self.trained = 0   # epochs ended here: after --resume, fewer than the run's
@@ -566,7 +574,7 @@ class RichReporter:
         self.task = self.progress.add_task("train", total=samples, loss="-", rate="-")
         self.progress.start()
 
-    def step(self, samples_done: int, loss) -> None:
+    def step(self, samples_done: int, loss: "torch.Tensor") -> None:
         now = time.perf_counter()
         if self.progress is None or now - self.last < self.refresh_seconds:
             return    # reading `loss` syncs with the device: only do it when the bar is redrawn

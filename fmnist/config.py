@@ -4,6 +4,7 @@ Nothing here imports torch, so the CLI can show the defaults in --help at once.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 from fmnist import FmnistError
 
@@ -37,7 +38,7 @@ RECIPES = {
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
-def recipe(name: str, **options) -> TrainConfig:
+def recipe(name: str, **options: Any) -> TrainConfig:
     """The config of a recipe, with the options that are not None put over it."""
     if name not in RECIPES:
         raise FmnistError(f"--recipe {name}: choose one of {', '.join(RECIPES)}")

@@ -17,11 +17,15 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmnist import FmnistError
 from fmnist.files import missing_parents, remove_if_empty
+
+if TYPE_CHECKING:   # for hints alone: torch is imported where tensors are made
+    import torch
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DIR = Path("data")
@@ -173,7 +177,7 @@ def _load_verified(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 # ---- tensors on the device -----------------------------------------------------------------------
 
-def to_tensors(split: Split, device):
+def to_tensors(split: Split, device: "torch.device | str") -> tuple["torch.Tensor", "torch.Tensor"]:
     """(images, labels) on `device`: float32 pixels in [0, 1] shaped (N, 1, 28, 28), and int64 labels.
 
     Converted once, so that each training batch is one indexing operation on the device.
@@ -186,7 +190,7 @@ def to_tensors(split: Split, device):
     return images, labels
 
 
-def augment(images, flip: bool, shift: int, generator):
+def augment(images: "torch.Tensor", flip: bool, shift: int, generator: "torch.Generator | None") -> "torch.Tensor":
     """A batch (N, 1, 28, 28) with random horizontal flips (half of the images) and random shifts of up to
     `shift` pixels each way (zero-padded), drawn per image from `generator`, all on the batch's device."""
     import torch

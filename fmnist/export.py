@@ -55,7 +55,7 @@ def to_onnx(model: torch.nn.Module, threshold: float | None = None) -> onnx.Mode
     return proto
 
 
-def export_onnx(checkpoint: str | Path, output: str | Path, data_dir=None) -> Verification:
+def export_onnx(checkpoint: str | Path, output: str | Path, data_dir: str | Path | None = None) -> Verification:
     """Export a checkpoint's Network and its out-of-distribution score, fitted to the training images, to
     `output`: written to a temporary name, kept only once verified."""
     output = file_target(output, "--output")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def file_target(path: str | Path, option: str, suffixes: tuple[str, ...] | None 
 
 
 @contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name to write to; renamed to `path` when the block succeeds, removed when it fails.
 
     So an interruption, a failed check or a full disk never leaves a half-written file, nor harms the one
@@ -68,7 +69,7 @@ LOCK = ".fmnist.lock"
 
 
 @contextmanager
-def hold(folder: Path):
+def hold(folder: Path) -> Iterator[Path]:
     """The run folder for this process alone, for the whole block: a second `fmnist train` (or `--resume`, or a
     sweep's trial) into it is refused in one line naming this process.
 

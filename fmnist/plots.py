@@ -1,6 +1,7 @@
 """PNG pictures: training curves and the confusion matrix. matplotlib is imported only when one is drawn,
 with the non-interactive Agg backend, so nothing here needs a display."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from fmnist.files import atomic_path
@@ -40,7 +41,7 @@ def curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def confusion(matrix: list[list[int]], classes, path: Path, title: str = "confusion matrix") -> None:
+def confusion(matrix: list[list[int]], classes: Sequence[str], path: Path, title: str = "confusion matrix") -> None:
     """The confusion matrix as a heat map with its counts; rows are true classes, columns predicted."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 7))

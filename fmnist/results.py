@@ -4,10 +4,14 @@ sorted by final test accuracy; written as results.csv, drawn as sweep.png."""
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fmnist.config import train_command
 from fmnist.files import atomic_path
 from fmnist.sweep import Sweep, trial_config
+
+if TYPE_CHECKING:   # for hints alone: optuna is imported where a sweep runs
+    import optuna
 
 COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done", "train_seconds",
            "samples_per_second")
@@ -17,7 +21,7 @@ COLUMNS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_do
 SHOWN = {"final_test_accuracy": 4, "best_test_accuracy": 4, "train_seconds": 2, "samples_per_second": 0}
 
 
-def rows(study) -> list[dict]:
+def rows(study: "optuna.Study") -> list[dict]:
     """The latest trial of each folder (a resumed trial replaces the one it continues), best first; trials
     without a result (waiting, running, failed before an epoch) last."""
     latest = {}

@@ -4,15 +4,20 @@ Nothing here imports torch, so `fmnist predict` answers one image in a fraction 
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from fmnist import FmnistError
 
+if TYPE_CHECKING:   # for hints alone: onnxruntime is imported where a session is made
+    import onnxruntime as ort
 
-def session(path: str | Path, threads: int = 0, spinning: bool = True):
+
+def session(path: str | Path, threads: int = 0, spinning: bool = True) -> "ort.InferenceSession":
     """An onnxruntime CPU session for an exported model.
 
     threads: intra-op threads, 0 for onnxruntime's choice (one per core). spinning=False stops idle
@@ -35,7 +40,7 @@ def session(path: str | Path, threads: int = 0, spinning: bool = True):
         raise FmnistError(f"{path} is not a valid ONNX model ({first_line}); export it again") from None
 
 
-def class_names(sess) -> list[str]:
+def class_names(sess: "ort.InferenceSession") -> list[str]:
     """The class names that `fmnist export` stored in the model's metadata."""
     names = sess.get_modelmeta().custom_metadata_map.get("classes")
     if names is None:
@@ -43,7 +48,8 @@ def class_names(sess) -> list[str]:
     return json.loads(names)
 
 
-def run(sess, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
+def run(sess: "ort.InferenceSession", images: np.ndarray,
+        batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (N, 10) and ood_score (N,) for float32 images (N, 1, 28, 28) with pixels in [0, 1], run
     `batch_size` at a time. The score is None for a model exported without it (fmnist before 0.2)."""
     name, outputs = sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()]
@@ -53,13 +59,13 @@ def run(sess, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, n
     return np.concatenate([r[0] for r in results]), scores
 
 
-def logits(sess, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def logits(sess: "ort.InferenceSession", images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Logits (N, 10) alone. Asking onnxruntime for them alone saves nothing: it still computes the whole graph,
     ood_score included (measured: a model with the score runs as fast either way)."""
     return run(sess, images, batch_size)[0]
 
 
-def ood_threshold(sess) -> float | None:
+def ood_threshold(sess: "ort.InferenceSession") -> float | None:
     """The ood_score above which an image is not a Fashion-MNIST item (stored at export), or None for a model
     that cannot tell."""
     threshold = sess.get_modelmeta().custom_metadata_map.get("ood_threshold")
@@ -85,7 +91,7 @@ class Evaluation:
     per_class: list[float]          # accuracy on the images of each class (recall)
     confusion: list[list[int]]      # confusion[true][predicted], counts
 
-    def as_dict(self, classes) -> dict:
+    def as_dict(self, classes: Sequence[str]) -> dict:
         return {"accuracy": self.accuracy, "classes": list(classes),
                 "per_class_accuracy": dict(zip(classes, self.per_class, strict=True)),
                 "confusion_matrix": self.confusion}
@@ -103,7 +109,7 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 
 
-def load_image(path, invert: bool | None = None, name: str | None = None,
+def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: str | None = None,
                max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
     """An image file of any size and mode as a model input (1, 1, 28, 28), prepared the way Fashion-MNIST's
     images were made from product photos (Xiao et al. 2017, section 2): trim the edges that are close to the
@@ -184,7 +190,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predictions(sess, images: np.ndarray, k: int = 3) -> list[dict]:
+def predictions(sess: "ort.InferenceSession", images: np.ndarray, k: int = 3) -> list[dict]:
     """For each image (N, 1, 28, 28): its k most probable classes, most probable first, and whether it is out of
     Fashion-MNIST's distribution with its ood_score (both None where the model cannot tell)."""
     all_logits, scores = run(sess, images)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fmnist import FmnistError, __version__, protocol, runtime
 from fmnist.batching import Batcher, Overloaded
@@ -91,7 +93,7 @@ class Metrics:
     """Prometheus metrics. With several worker processes, prometheus-client's multiprocess mode (the
     PROMETHEUS_MULTIPROC_DIR that `fmnist serve --workers` sets) adds up all of them on every scrape."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()   # one per app: tests make many apps in one process
@@ -132,10 +134,10 @@ class Guard:
     random paths add no series), and refuses a body over the limit, from Content-Length before reading or
     while reading a chunked one."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
@@ -355,7 +357,8 @@ def from_environment() -> FastAPI:
     return create_app(Settings(**json.loads(os.environ["FMNIST_SERVE"])))
 
 
-def serve(settings: Settings, host: str, port: int, workers: int = 1, on_start=None) -> None:
+def serve(settings: Settings, host: str, port: int, workers: int = 1,
+          on_start: Callable[[], object] | None = None) -> None:
     """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime."""
     import socket
     import tempfile

@@ -15,9 +15,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fmnist import FmnistError
 from fmnist.config import LEARNED, TrainConfig, flag
+
+if TYPE_CHECKING:   # for hints alone: optuna is imported where a sweep runs
+    import optuna
 
 # The options a sweep may vary, with their types (the defaults'), in the order of the trial folders' names.
 SWEEPABLE = {"recipe": str, **{name: type(getattr(TrainConfig(), name)) for name in LEARNED}}
@@ -38,7 +42,7 @@ class Range:
     high: float
 
 
-def parse_values(name: str, text: str, cli_name: str | None = None):
+def parse_values(name: str, text: str, cli_name: str | None = None) -> "Range | list":
     """An option's text: a comma-separated list of values, or a range `lo..hi` (numbers only)."""
     kind, option = SWEEPABLE[name], cli_name or flag(name)
     if ".." in text:
@@ -134,7 +138,7 @@ def folder_name(params: dict) -> str:
     return "_".join(f"{flag(name)[2:]}-{text(params[name])}" for name in SWEEPABLE if name in params) or "run"
 
 
-def trial_config(params: dict, fixed: dict, out: str, **runtime):
+def trial_config(params: dict, fixed: dict, out: str, **runtime: Any) -> TrainConfig:
     """The TrainConfig of one trial: its recipe, with the swept and fixed values put over it."""
     from fmnist.config import recipe
 
@@ -144,7 +148,7 @@ def trial_config(params: dict, fixed: dict, out: str, **runtime):
 
 # ---- the study -----------------------------------------------------------------------------------
 
-def open_storage(url: str | None, folder: Path):
+def open_storage(url: str | None, folder: Path) -> "optuna.storages.BaseStorage":
     """The Optuna storage: the journal file in `folder` by default, else the database at `url`."""
     import optuna
 
@@ -192,7 +196,7 @@ def _hide_password(url: str) -> str:
         return url
 
 
-def open_study(storage, name: str, sweep: Sweep):
+def open_study(storage: "optuna.storages.BaseStorage", name: str, sweep: Sweep) -> "optuna.Study":
     """The sweep's study: created, with its grid enqueued, by the first worker; loaded by the others."""
     import optuna
 
@@ -210,7 +214,7 @@ def open_study(storage, name: str, sweep: Sweep):
     return study
 
 
-def open_study_to_show(url: str | None, folder: Path, name: str):
+def open_study_to_show(url: str | None, folder: Path, name: str) -> "optuna.Study":
     """The study of an existing sweep, for --show."""
     import optuna
 

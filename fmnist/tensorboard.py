@@ -6,8 +6,15 @@ torch's SummaryWriter, and `tensorboard --logdir DIR` shows them (a sweep's fold
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fmnist import FmnistError
+from fmnist.config import TrainConfig
+
+if TYPE_CHECKING:   # for hints alone: torch is imported where the writer is made
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fmnist.train import Reporter
 
 # What TrainConfig holds that changes what is learned: these become the run's hparams.
 HPARAMS = ("epochs", "batch_size", "lr", "schedule", "flip", "shift", "label_smoothing", "ema", "seed")
@@ -18,7 +25,7 @@ SCALARS = {  # tag in TensorBoard: key of a metrics row
 }
 
 
-def summary_writer(folder: str | Path):
+def summary_writer(folder: str | Path) -> "SummaryWriter":
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ModuleNotFoundError:
@@ -30,11 +37,11 @@ class TensorBoardReporter:
     """A fmnist.train.Reporter that writes each epoch's metrics to TensorBoard, then passes everything on to
     `inner` (the progress bars, or a sweep's trial). The hparams go in once, at the first epoch written."""
 
-    def __init__(self, folder: str | Path, config, inner):
+    def __init__(self, folder: str | Path, config: TrainConfig, inner: "Reporter") -> None:
         self.writer = summary_writer(folder)
         self.config, self.inner, self.hparams_written = config, inner, False
 
-    def __getattr__(self, name):   # note, step, history...: the inner reporter's
+    def __getattr__(self, name: str) -> Any:   # note, step, history...: the inner reporter's
         return getattr(self.inner, name)
 
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
@@ -55,6 +62,8 @@ class TensorBoardReporter:
         options = asdict(self.config)
         experiment, start, end = hparams({name: options[name] for name in HPARAMS},
                                          {"test/accuracy": 0.0, "test/loss": 0.0})
+        file_writer = self.writer.file_writer
+        assert file_writer is not None   # SummaryWriter opens it in __init__; only close() unsets it
         for summary in (experiment, start, end):
-            self.writer.file_writer.add_summary(summary)
+            file_writer.add_summary(summary)
         self.hparams_written = True

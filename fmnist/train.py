@@ -2,6 +2,7 @@
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, cast
@@ -44,6 +45,9 @@ class Silent:
 
 
 SILENT = Silent()   # the default reporter: it holds no state, so one is shared by every call
+
+# make_step's step(images, labels, update=True) -> (loss, number correct), both still on the device
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,7 +230,7 @@ class MovingAverage(torch.optim.swa_utils.AveragedModel):
         return loaded
 
 
-def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,
+def train_epoch(step: Step, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, order: torch.Generator,
                 report: Reporter = SILENT) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over all `images` in a random order. Returns the summed loss and the number of correct
     predictions, both still on the device: nothing here waits for the device until the caller reads them."""
@@ -248,7 +252,8 @@ def train_epoch(step, images: torch.Tensor, labels: torch.Tensor, config: TrainC
     return total_loss, total_correct
 
 
-def make_step(forward, state: TrainingState, label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None):
+def make_step(forward: Callable[[torch.Tensor], torch.Tensor], state: TrainingState, label_smoothing: float = 0.0,
+              amp_dtype: torch.dtype | None = None) -> Step:
     """The training step on one batch: pass batch, calculate loss, calculate gradients, update weights.
 
     `forward` is state.model (or its compiled form, see `compiled_network`). amp_dtype: None trains in float32;
@@ -283,7 +288,7 @@ def make_step(forward, state: TrainingState, label_smoothing: float = 0.0, amp_d
     return step
 
 
-def compiled_network(model: Network, device: torch.device):
+def compiled_network(model: Network, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The Network through torch.compile. On CUDA with mode "reduce-overhead": each pass is replayed as a CUDA
     graph, one launch instead of dozens of small kernels' launches, which at batch 100 are expected to cost a
     GPU more than the arithmetic (not measured yet: bench/README.md). dynamic=False: code for fixed shapes,
@@ -292,7 +297,7 @@ def compiled_network(model: Network, device: torch.device):
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
-def compile_ahead(step, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+def compile_ahead(step: Step, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """Compile now, for each batch size an epoch uses, what torch.compile would otherwise compile inside the
     first epoch, so that the epochs' times are the training's alone. Runs the forward and backward passes
     without updating the weights (twice: CUDA graphs are recorded on the second run). Returns the seconds."""

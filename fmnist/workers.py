@@ -13,8 +13,10 @@ values and the same folder, and the worker that takes it resumes it from its las
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from fmnist import FmnistError
 from fmnist.config import LEARNED, flag
@@ -29,6 +31,12 @@ from fmnist.sweep import (
     quiet_optuna,
     trial_config,
 )
+
+if TYPE_CHECKING:   # for hints alone: optuna and torch are imported where a sweep runs
+    import optuna
+    import torch
+    from optuna.storages import RDBStorage
+    from optuna.trial import FrozenTrial
 
 
 def worker_id() -> str:
@@ -52,7 +60,7 @@ def _is_dead(worker: str | None) -> bool:
     return False
 
 
-def requeue(study, trial) -> None:
+def requeue(study: "optuna.Study", trial: "FrozenTrial") -> None:
     """Queue a trial that stopped before it ended again: same values, same folder (so it resumes there)."""
     import optuna
 
@@ -62,7 +70,7 @@ def requeue(study, trial) -> None:
         system_attrs={"fixed_params": trial.params, "retry_of": trial.number}))
 
 
-def release_stale(study) -> None:
+def release_stale(study: "optuna.Study") -> None:
     """Fail and queue again the RUNNING trials whose worker died: on this machine, a worker process that is
     gone; on a database, also a worker that missed its heartbeats (Optuna's fail_stale_trials)."""
     import optuna
@@ -81,7 +89,7 @@ def release_stale(study) -> None:
             requeue(study, trial)
 
 
-def next_trial(study, sweep: Sweep):
+def next_trial(study: "optuna.Study", sweep: Sweep) -> "optuna.Trial | None":
     """The next trial for this worker: a queued one (a grid point, or one to resume), else in a search a new
     one while fewer than --trials have been started; None when the sweep has nothing left to hand out."""
     import optuna
@@ -104,9 +112,9 @@ def next_trial(study, sweep: Sweep):
     return None
 
 
-def suggest(trial, sweep: Sweep) -> dict:
+def suggest(trial: "optuna.Trial", sweep: Sweep) -> dict:
     """The trial's values of the swept options: fixed for a grid point or a resumed trial, sampled otherwise."""
-    params = {}
+    params: dict[str, object] = {}
     for name in sweep.swept:
         values = sweep.values[name]
         if isinstance(values, Range):
@@ -130,7 +138,7 @@ class Runtime:
     tensorboard: bool = False
 
 
-def work(study, sweep: Sweep, runtime: Runtime, say=print) -> int:
+def work(study: "optuna.Study", sweep: Sweep, runtime: Runtime, say: Callable[[str], object] = print) -> int:
     """Run trials until the sweep has none left for this worker. Returns how many this worker trained."""
     count = 0
     while True:
@@ -142,7 +150,8 @@ def work(study, sweep: Sweep, runtime: Runtime, say=print) -> int:
         count += 1
 
 
-def run_trial(study, trial, sweep: Sweep, runtime: Runtime, say=print) -> None:
+def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, runtime: Runtime,
+              say: Callable[[str], object] = print) -> None:
     """One trial: an ordinary training run in its folder, resumed there if a checkpoint exists. Its test
     accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
     import optuna
@@ -220,7 +229,7 @@ class TrialReporter:
     """fmnist.train.Reporter for one trial: a line per epoch, the epoch's test accuracy to Optuna, and a
     stop (optuna.TrialPruned) when the pruner says the trial falls behind."""
 
-    def __init__(self, trial, name: str, say=print):
+    def __init__(self, trial: "optuna.Trial", name: str, say: Callable[[str], object] = print) -> None:
         self.trial, self.name, self.say = trial, name, say
         self.history: list[dict] = []
 
@@ -230,7 +239,7 @@ class TrialReporter:
     def epoch_start(self, epoch: int, epochs: int, samples: int) -> None:
         self.epochs = epochs
 
-    def step(self, samples_done: int, loss) -> None: ...
+    def step(self, samples_done: int, loss: "torch.Tensor") -> None: ...
 
     def epoch_end(self, row: dict) -> None:
         import optuna
@@ -247,27 +256,27 @@ class Heartbeat:
     """While a trial runs, tell a database every HEARTBEAT_SECONDS that its worker lives (a journal file
     has no heartbeat: there, a dead worker is a process of this machine that is gone)."""
 
-    def __init__(self, study, trial):
+    def __init__(self, study: "optuna.Study", trial: "optuna.Trial") -> None:
         from optuna.storages import RDBStorage
 
-        self.storage, self.trial_id = study._storage, trial._trial_id
-        self.enabled = isinstance(self.storage, RDBStorage)
+        storage, self.trial_id = study._storage, trial._trial_id
+        self.database = storage if isinstance(storage, RDBStorage) else None   # None: a journal file
         self.stop = threading.Event()
 
-    def __enter__(self):
-        if self.enabled:
-            self.storage.record_heartbeat(self.trial_id)
-            self.thread = threading.Thread(target=self._beat, daemon=True)
+    def __enter__(self) -> "Heartbeat":
+        if self.database is not None:
+            self.database.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, args=(self.database,), daemon=True)
             self.thread.start()
         return self
 
-    def _beat(self):
+    def _beat(self, database: "RDBStorage") -> None:
         while not self.stop.wait(HEARTBEAT_SECONDS):
-            self.storage.record_heartbeat(self.trial_id)
+            database.record_heartbeat(self.trial_id)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.stop.set()
-        if self.enabled:
+        if self.database is not None:
             self.thread.join()
         return False
 
