@@ -34,6 +34,7 @@ def strict_dynamo():
 
     torch._dynamo.reset()
     config = torch._dynamo.config
-    flag = "fail_on_recompile_limit_hit" if hasattr(config, "fail_on_recompile_limit_hit") else "fail_on_cache_limit_hit"
+    flag = ("fail_on_recompile_limit_hit" if hasattr(config, "fail_on_recompile_limit_hit")
+            else "fail_on_cache_limit_hit")
     with config.patch(**{flag: True}):
         yield

@@ -42,7 +42,8 @@ def options(sweep: Path, folder: str) -> str:
 
     config = torch.load(sweep / folder / "fmnist.pt", weights_only=True)["config"]
     flags = [f"batch {config['batch_size']}", f"{config['epochs']} epochs", f"{config['schedule']} {config['lr']}",
-             "flip" if config["flip"] else "no flip", f"shift {config['shift']}", f"smoothing {config['label_smoothing']}"]
+             "flip" if config["flip"] else "no flip", f"shift {config['shift']}",
+             f"smoothing {config['label_smoothing']}"]
     return ", ".join(flags)
 
 

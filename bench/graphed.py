@@ -50,7 +50,7 @@ def graphed_step(forward, state: TrainingState, batch_size: int, warmup_steps: i
             whole_step()
     torch.cuda.current_stream().wait_stream(side)
     with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
+        for p, w in zip(model.parameters(), weights, strict=True):
             p.copy_(w)
             for value in optimizer.state[p].values():   # step, exp_avg, exp_avg_sq: all start at zero
                 value.zero_()

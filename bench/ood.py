@@ -62,7 +62,8 @@ def scorers(network, train: data.Split) -> dict:
     return {
         "max softmax probability": batched(lambda b: -F.softmax(logits(b), 1).max(1).values.numpy()),
         "energy": batched(lambda b: -torch.logsumexp(logits(b), 1).numpy()),
-        "Mahalanobis, fc2": batched(lambda b: ood.squared_distances(penultimate(b), means, whiten).min(1).values.numpy()),
+        "Mahalanobis, fc2": batched(
+            lambda b: ood.squared_distances(penultimate(b), means, whiten).min(1).values.numpy()),
         "Mahalanobis, pixels": batched(lambda b: detector.parts(torch.from_numpy(b))[1].numpy()),
         "Gaussians per class, conv2": batched(lambda b: detector.parts(torch.from_numpy(b))[2].numpy()),
         "fmnist: pixels and conv2": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
@@ -97,7 +98,8 @@ def main() -> None:
         for name in methods:
             value = scores[name][s]
             flagged = f"{(value > thresholds[name]).mean():.1%}"
-            cells.append(flagged if s == "test images" else f"{flagged} ({auroc(scores[name]['test images'], value):.3f})")
+            cells.append(flagged if s == "test images"
+                         else f"{flagged} ({auroc(scores[name]['test images'], value):.3f})")
         print(f"| {s} | " + " | ".join(cells) + " |")
 
 

@@ -23,7 +23,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     """Each row (group, name, extra_info) plus `ratio`: its samples/s over its baseline's, the baseline being
     the CPU row of the same group and batch size whose path is BASELINES[group]."""
     base = {(r["group"], r["extra_info"]["batch_size"]): r["extra_info"]["samples_per_second"]
-            for r in rows if r["extra_info"]["path"] == BASELINES.get(r["group"]) and r["extra_info"]["device"] == "cpu"}
+            for r in rows
+            if r["extra_info"]["path"] == BASELINES.get(r["group"]) and r["extra_info"]["device"] == "cpu"}
     for r in rows:
         baseline = base.get((r["group"], r["extra_info"]["batch_size"]))
         r["ratio"] = r["extra_info"]["samples_per_second"] / baseline if baseline else None

@@ -51,7 +51,7 @@ def test_tutorial_dataloader_loop(benchmark, torchvision_root, batch_size):
 
     def run_round():
         total_loss = total_correct = 0
-        for _, (images, labels) in zip(range(STEPS), loader):
+        for _, (images, labels) in zip(range(STEPS), loader, strict=False):   # the loader's first STEPS batches
             preds = network(images)
             loss = F.cross_entropy(preds, labels)
             optimizer.zero_grad()
@@ -138,7 +138,8 @@ def test_whole_step_as_one_cuda_graph(benchmark, train_split, compiled, batch_si
     step = graphed_step(torch.compile(state.model) if compiled else state.model, state, batch_size)
     capture_seconds = time.perf_counter() - start         # warm-up steps, compilation, capture
     check_and_time(benchmark, step, images, labels, config, state, capture_seconds=capture_seconds,
-                   path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}", tolerance=tolerance("cuda"))
+                   path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}",
+                   tolerance=tolerance("cuda"))
 
 
 @pytest.mark.benchmark(group="train")
