@@ -35,7 +35,7 @@ from fmnist.sweep import (
 if TYPE_CHECKING:   # for hints alone: optuna and torch are imported where a sweep runs
     import optuna
     import torch
-    from optuna.storages import RDBStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
     from optuna.trial import FrozenTrial
 
 
@@ -78,7 +78,7 @@ def release_stale(study: "optuna.Study") -> None:
     from optuna.trial import TrialState
 
     storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage):
+    if heartbeat_storage(study) is not None:
         optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "folder" in trial.user_attrs and _is_dead(trial.user_attrs.get("worker")):
@@ -252,15 +252,22 @@ class TrialReporter:
             raise optuna.TrialPruned()
 
 
+def heartbeat_storage(study: "optuna.Study") -> "BaseHeartbeat | None":
+    """The study's storage where it keeps heartbeats (a database), else None (a journal file). Optuna wraps a
+    database in its cache (_CachedStorage), which is not an RDBStorage but passes the heartbeats through."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = study._storage
+    return storage if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage) else None
+
+
 class Heartbeat:
     """While a trial runs, tell a database every HEARTBEAT_SECONDS that its worker lives (a journal file
     has no heartbeat: there, a dead worker is a process of this machine that is gone)."""
 
     def __init__(self, study: "optuna.Study", trial: "optuna.Trial") -> None:
-        from optuna.storages import RDBStorage
-
-        storage, self.trial_id = study._storage, trial._trial_id
-        self.database = storage if isinstance(storage, RDBStorage) else None   # None: a journal file
+        self.trial_id = trial._trial_id
+        self.database = heartbeat_storage(study)   # None: a journal file
         self.stop = threading.Event()
 
     def __enter__(self) -> "Heartbeat":
@@ -270,7 +277,7 @@ class Heartbeat:
             self.thread.start()
         return self
 
-    def _beat(self, database: "RDBStorage") -> None:
+    def _beat(self, database: "BaseHeartbeat") -> None:
         while not self.stop.wait(HEARTBEAT_SECONDS):
             database.record_heartbeat(self.trial_id)
 

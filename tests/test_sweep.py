@@ -310,3 +310,30 @@ def test_a_worker_killed_holding_the_journals_lock_does_not_stop_the_others(tmp_
     assert not (out / (sweeping.JOURNAL + ".lock")).exists()
     done = Counter(t.user_attrs["folder"] for t in trials(out) if t.state.name == "COMPLETE")
     assert done == Counter({"lr-0.01": 1, "lr-0.001": 1})
+
+
+def test_a_worker_elsewhere_that_stops_beating_is_released_on_postgresql(tmp_path, postgres_url):
+    """A database hears each running trial's heartbeat; a trial whose worker (on another machine: its process
+    cannot be looked up here) has been silent past the grace period is failed and queued again."""
+    import sqlalchemy
+
+    plan = sweeping.make_sweep({"lr": [0.01, 0.001]}, None, False)
+    study = workers.open_study(sweeping.open_storage(postgres_url, tmp_path), f"test-{uuid.uuid4().hex[:8]}", plan)
+    trial = workers.next_trial(study, plan)
+    params = workers.suggest(trial, plan)   # as run_trial does: the trial's values and folder
+    trial.set_user_attr("folder", sweeping.folder_name(params))
+    trial.set_user_attr("worker", "another-machine:4242")
+    engine = sqlalchemy.create_engine(sweeping._with_driver(postgres_url))
+    beats = sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :id")
+    with workers.Heartbeat(study, trial), engine.connect() as db:
+        assert db.execute(beats, {"id": trial._trial_id}).scalar() == 1   # heard while it runs
+    workers.release_stale(study)
+    assert study._storage.get_trial(trial._trial_id).state.name == "RUNNING"   # recent: alive
+    with engine.begin() as db:
+        db.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '1 hour' "
+                                   "WHERE trial_id = :id"), {"id": trial._trial_id})
+    workers.release_stale(study)
+    assert study._storage.get_trial(trial._trial_id).state.name == "FAIL"
+    folder = sweeping.folder_name(params)
+    again = [t for t in study.get_trials() if t.state.name == "WAITING" and t.user_attrs["folder"] == folder]
+    assert [t.params for t in again] == [params]   # the same point again, into the same folder
