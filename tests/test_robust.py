@@ -105,8 +105,13 @@ def test_interrupt_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, re
 
 
 def progress_bars(monkeypatch) -> list:
-    """The progress bars the CLI's reporter starts, kept to check afterwards that each was stopped."""
+    """The progress bars the CLI's reporter starts, kept to check afterwards that each was stopped. The output
+    is made a terminal: elsewhere the reporter draws no bar."""
+    from rich.console import Console
+
     from fmnist import cli
+
+    monkeypatch.setattr(cli, "out", Console(force_terminal=True))
 
     bars, real_epoch_start = [], cli.RichReporter.epoch_start
 
