@@ -295,7 +295,7 @@ def start_training(out, *options: str):
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, real_data):
-    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "1000", "--seed", "0")
+    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "2000", "--seed", "0")
     while not (tmp_path / "metrics.jsonl").exists():   # one epoch done: there is a run to --resume
         assert first.poll() is None, first.stdout.read()
     for second in (["--epochs", "1", "--seed", "5"], ["--resume"], ["--epochs", "1", "--overwrite"]):
@@ -311,7 +311,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path,
 def test_the_lock_of_a_killed_run_is_taken_over_by_resume(tmp_path, real_data):
     import signal
 
-    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "1000")
+    first = start_training(tmp_path, "--epochs", "3", "--batch-size", "2000")
     while not (tmp_path / "metrics.jsonl").exists():   # one epoch done
         assert first.poll() is None, first.stdout.read()
     first.send_signal(signal.SIGKILL)

@@ -274,7 +274,7 @@ def test_a_worker_killed_mid_trial_is_resumed_by_the_same_command(tmp_path, real
     extra = []
     if storage == "postgresql":
         extra = ["--storage", request.getfixturevalue("postgres_url"), "--study", f"test-{uuid.uuid4().hex[:8]}"]
-    options = ["--lr", "0.01,0.001", "--epochs", "2", "--batch-size", "1000", "--device", "cpu", "--out", str(out),
+    options = ["--lr", "0.01,0.001", "--epochs", "2", "--batch-size", "2000", "--device", "cpu", "--out", str(out),
                *extra]
     worker = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "sweep", *options], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
