@@ -59,7 +59,7 @@ class Model:
     """The onnxruntime session and what the routes need to know about it, loaded once per process."""
 
     def __init__(self, settings: Settings):
-        self.session = runtime.session(settings.onnx, threads=settings.threads)
+        self.session = runtime.session(settings.onnx, threads=settings.threads, spinning=False)
         self.classes = runtime.class_names(self.session)
         self.threshold = runtime.ood_threshold(self.session)
         [image_input] = self.session.get_inputs()
@@ -134,8 +134,8 @@ class Guard:
     random paths add no series), and refuses a body over the limit, from Content-Length before reading or
     while reading a chunked one."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int, routes: list) -> None:
+        self.app, self.metrics, self.max_body, self.routes = app, metrics, max_body, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,10 +158,15 @@ class Guard:
             await _send_error(send_counting, 413, self._too_large())
         else:
             await self.app(scope, receive if length is not None else self._limited(receive), send_counting)
-        route = scope.get("route")
+        route = scope.get("route") or self._route(scope)   # FastAPI names its own routes only
         endpoint = route.path if route is not None and status[0] != 404 else "other"
         self.metrics.requests.labels(endpoint, str(status[0])).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _route(self, scope: Scope):
+        from starlette.routing import Match
+
+        return next((route for route in self.routes if route.matches(scope)[0] is Match.FULL), None)
 
     def _limited(self, receive):
         received = 0
@@ -208,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="fmnist", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(Guard, metrics=metrics, max_body=int(settings.max_body_mb * 2**20))
+    app.add_middleware(Guard, metrics=metrics, max_body=int(settings.max_body_mb * 2**20), routes=app.router.routes)
 
     # ---- errors: a JSON {"error": ...} that says what to fix, the v2 protocol's form, on every route ----------
     @app.exception_handler(ProtocolError)
@@ -278,10 +283,8 @@ def create_app(settings: Settings) -> FastAPI:
         model_for(name, version)
         return {"name": MODEL, "ready": True}
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None):
-        model = model_for(name, version)
+    async def infer(request: Request) -> Response:
+        model = model_for(request.path_params["name"], request.path_params.get("version"))
         if request.headers.get("content-encoding", "identity") != "identity":
             return error(415, f"Content-Encoding {request.headers['content-encoding']} is not supported; "
                               "send the body uncompressed")
@@ -304,6 +307,11 @@ def create_app(settings: Settings) -> FastAPI:
         if header_length is None:
             return Response(body, media_type="application/json")
         return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+
+    # The hot path as a plain Starlette route: FastAPI's parameter handling cost as much as the route's own work
+    # (cProfile, bench/README.md's Serving section); the route reads its path parameters itself.
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.router.add_route(path, infer, methods=["POST"])
 
     # ---- for people: /predict and the page ---------------------------------------------------------------------
     @app.post("/predict")
@@ -334,11 +342,12 @@ def create_app(settings: Settings) -> FastAPI:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    if settings.noop_route:
-        @app.post("/bench/noop")
-        async def noop(request: Request):
+    if settings.noop_route:   # a plain Starlette route too: the bound is the HTTP stack alone
+        async def noop(request: Request) -> Response:
             await request.body()
             return Response(b"{}", media_type="application/json")
+
+        app.router.add_route("/bench/noop", noop, methods=["POST"])
 
     return app
 
