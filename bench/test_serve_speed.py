@@ -24,7 +24,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ pytest.importorskip("uvicorn", reason="fmnist serve needs the extra: pip install
 
 from bench.common import new_network, record  # noqa: E402
 from fmnist import runtime  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.images import product_photo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +52,6 @@ TIMEOUT_S = 120   # a round that takes longer fails: the server hangs or is far 
 
 
 # ---- the server --------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerProcess:
     """fmnist.serve.serve(Settings(...)) in its own process on a free loopback port; its log in a file."""
