@@ -14,6 +14,7 @@ answers 400 with `{"error": "..."}`, the protocol's error form.
 """
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -112,7 +113,7 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
             or any(want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=True)) \
             or any(got < 0 for got in tensor.shape):
         raise ProtocolError(f"input {name!r}: shape {tensor.shape} does not fit the model's {_shape_text(shape)}")
-    count = int(np.prod(tensor.shape))
+    count = math.prod(tensor.shape)   # exact: numpy's int64 product wraps around for a huge shape
     dtype = DATATYPES[tensor.datatype]
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
@@ -133,7 +134,7 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
                                 "give data, or binary_data_size with the bytes after the JSON")
         try:
             array = np.asarray(tensor.data, dtype=dtype)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):   # OverflowError: 300 as UINT8, 10**400 as FP32
             raise ProtocolError(f"input {name!r}: data must be numbers ({tensor.datatype}), as a flat or nested "
                                 "list of equal-length rows") from None
         if array.size != count:
@@ -158,6 +159,9 @@ def wanted_outputs(request: InferenceRequest, available: list[str]) -> list[tupl
     everything_binary = bool((request.parameters or {}).get("binary_data_output", False))
     if request.outputs is None:
         return [(name, everything_binary, 0) for name in available]
+    names = [output.name for output in request.outputs]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"outputs {names}: name each output once")
     wanted = []
     for output in request.outputs:
         if output.name not in available:

@@ -197,6 +197,8 @@ def image(**changes) -> bytes:
 
 
 INFER = "/v2/models/fmnist/infer"
+HUGE_HEADER = json.dumps({"inputs": [{"name": "images", "shape": [2**60 + 1, 1, 28, 28], "datatype": "FP32",
+                                      "parameters": {"binary_data_size": 3136}}]}).encode()
 BINARY_HEADER = json.dumps({"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                         "parameters": {"binary_data_size": 3136}}]}).encode()
 BAD_REQUESTS = {   # id: (path, body, headers, status, words the error must contain)
@@ -221,6 +223,13 @@ BAD_REQUESTS = {   # id: (path, body, headers, status, words the error must cont
                                         {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, 400,
                                         "binary_data_size is 3136 but 100 bytes follow"),
     "compressed body": (INFER, image(), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
+    "300 as UINT8": (INFER, image(datatype="UINT8", data=[300] * 784), {}, 400, "numbers (UINT8)"),
+    "a shape whose product wraps around in int64": (
+        INFER, HUGE_HEADER + b"\0" * 3136, {"Inference-Header-Content-Length": str(len(HUGE_HEADER))}, 400,
+        "3136 bytes is not"),
+    "an output named twice": (INFER, json.dumps({"inputs": json.loads(image())["inputs"], "outputs": [
+        {"name": "logits", "parameters": {"classification": 3}}, {"name": "logits"}]}).encode(), {}, 400,
+        "name each output once"),
     "no files": ("/predict", *multipart([("a.jpg", b"")], field="photo"), 400, "field `files`"),
     "not an image": ("/predict", *multipart([("notes.txt", b"just some words")]), 400, "notes.txt: cannot read"),
     "truncated JPEG": ("/predict", *multipart([("cut.jpg", truncated_jpeg())]), 400, "cut.jpg: cannot read"),
