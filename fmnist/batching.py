@@ -43,7 +43,7 @@ class Batcher:
         """This request's outputs. Raises Overloaded when its images would not fit in the queue."""
         if self.queued + len(images) > self.max_queue:
             raise Overloaded(f"{self.queued} images are waiting (at most {self.max_queue})")
-        if self.task is None:
+        if self.task is None or self.task.done():   # started with the first request, again if it ever died
             self.task = asyncio.get_running_loop().create_task(self._serve())
         item = _Waiting(images, asyncio.get_running_loop().create_future())
         self.waiting.append(item)
@@ -83,15 +83,15 @@ class Batcher:
 
     async def _run(self, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
+            images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
             outputs = await asyncio.to_thread(self.run, images)
-        except Exception as e:   # the model failed: every request of the batch hears why, the server goes on
+            self.observe(len(images), [started - item.queued_at for item in batch])
+        except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(e)
             return
-        self.observe(len(images), [started - item.queued_at for item in batch])
         start = 0
         for item in batch:
             end = start + len(item.images)

@@ -82,14 +82,14 @@ def hold(folder: Path) -> Iterator[Path]:
     except ImportError:   # Windows: no flock; runs are not guarded there
         yield folder
         return
-    created = missing_parents(folder)
+    created, path, fd, locked = missing_parents(folder), folder / LOCK, -1, False
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / LOCK
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -98,9 +98,14 @@ def hold(folder: Path) -> Iterator[Path]:
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)   # the holder removed the file as we opened it: lock the one there now
+            fd, locked = -1, False
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.time()}).encode())
-    except OSError as e:
+    except OSError as e:   # e.g. a full disk as the lock file is written: nothing of this run stays
+        if locked:
+            path.unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
         remove_if_empty(created)
         raise WriteError(f"{folder}: cannot write there ({e.strerror or e}); choose another --out") from None
     try:

@@ -152,16 +152,18 @@ class Guard:
             too_large = length is not None and int(length) > self.max_body
         except ValueError:
             too_large = False   # h11 refuses such a request before it gets here
-        if too_large:   # read what was sent, keeping none of it, so the client hears the 413 instead of a reset
-            while (await receive()).get("more_body"):
-                pass
-            await _send_error(send_counting, 413, self._too_large())
-        else:
-            await self.app(scope, receive if length is not None else self._limited(receive), send_counting)
-        route = scope.get("route") or self._route(scope)   # FastAPI names its own routes only
-        endpoint = route.path if route is not None and status[0] != 404 else "other"
-        self.metrics.requests.labels(endpoint, str(status[0])).inc()
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        try:
+            if too_large:   # read what was sent, keeping none of it, so the client hears the 413, not a reset
+                while (await receive()).get("more_body"):
+                    pass
+                await _send_error(send_counting, 413, self._too_large())
+            else:
+                await self.app(scope, receive if length is not None else self._limited(receive), send_counting)
+        finally:   # a 500 too: its exception passes through here on its way to the outermost handler
+            route = scope.get("route") or self._route(scope)   # FastAPI names its own routes only
+            endpoint = route.path if route is not None and status[0] != 404 else "other"
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     def _route(self, scope: Scope):
         from starlette.routing import Match
