@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from fmnist import FmnistError, __version__
-from fmnist.files import prepare_out
+from fmnist.files import WriteError, missing_parents, prepare_out, remove_if_empty
 
 MODEL_NAME = "fmnist"        # the model's folder, and its name in Triton's URLs: /v2/models/fmnist/infer
 LABELS = "labels.txt"
@@ -64,7 +64,7 @@ def write_model_repository(onnx_path: str | Path, directory: str | Path) -> Path
     model = onnx.load(str(onnx_path), load_external_data=False)   # fmnist's exports are one self-contained file
     config, labels = model_config(model), "".join(f"{name}\n" for name in class_names(model))
 
-    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]   # to remove on failure
+    made = missing_parents(target.parent)   # to remove on failure: a failed command leaves no empty folder
     tmp = target.with_name(f".{MODEL_NAME}.tmp-{os.getpid()}")
     try:
         (tmp / "1").mkdir(parents=True)
@@ -74,10 +74,8 @@ def write_model_repository(onnx_path: str | Path, directory: str | Path) -> Path
         os.replace(tmp, target)   # replaces an empty folder; fails on one that filled up since check_target
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:   # deepest first: a failed command leaves no empty folder behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise FmnistError(f"{target}: cannot write the Triton model repository ({e.strerror or e}); "
+        remove_if_empty(made)
+        raise WriteError(f"{target}: cannot write the Triton model repository ({e.strerror or e}); "
                           "anything already there is kept") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
