@@ -6,6 +6,7 @@ A checkpoint holds the Network's weights under "model" and, beside them, plain-t
 
 import io
 import json
+import pickle
 import platform
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -95,8 +96,8 @@ def load_checkpoint(path: str | Path, resume: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FmnistError(f"{path} is not a readable fmnist checkpoint ({type(e).__name__}); pass a fmnist.pt "
-                          "written by `fmnist train`") from None
+        raise FmnistError(f"{path} is not a readable fmnist checkpoint: {_why_unreadable(path, e)}; pass a "
+                          "fmnist.pt written by `fmnist train`") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise FmnistError(f"{path} is not an fmnist checkpoint (no 'model' entry); pass a fmnist.pt written by "
                           "`fmnist train`")
@@ -109,6 +110,17 @@ def load_checkpoint(path: str | Path, resume: bool = False) -> dict:
             raise FmnistError(f"{path} cannot be resumed: its '{key}' entry is missing or not a {kind.__name__} "
                               "(not written by `fmnist train`, or by an older version); train afresh")
     return checkpoint
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a file torch.load refused, in words: torch.save writes a zip archive."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"   # a zip's first bytes, there even when its end is cut off
+    if not zipped:
+        return "it is not a file that torch.save wrote (a text file, an image, or empty?)"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors and plain values, which are never loaded (they could run code)"
+    return "the file is damaged or cut short"
 
 
 def load_network(path: str | Path) -> Network:

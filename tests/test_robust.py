@@ -20,12 +20,25 @@ def one_line_error(result, *fragments):
         assert fragment in result.stderr
 
 
-def test_not_a_checkpoint(tmp_path):
+NOT_TORCH = "it is not a file that torch.save wrote (a text file, an image, or empty?)"
+
+
+@pytest.mark.parametrize("content", [b"epoch 3: 91.2%\n", b"", os.urandom(1000)], ids=["text", "empty", "random"])
+def test_not_a_checkpoint_says_what_is_wrong_in_words(tmp_path, content):
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(os.urandom(1000))
-    one_line_error(run_cli("export", "--onnx", "--checkpoint", junk, "--output", tmp_path / "m.onnx"),
-                   f"{junk} is not a readable fmnist checkpoint")
+    junk.write_bytes(content)
+    result = run_cli("export", "--onnx", "--checkpoint", junk, "--output", tmp_path / "m.onnx")
+    one_line_error(result, f"{junk} is not a readable fmnist checkpoint: {NOT_TORCH}; pass a fmnist.pt")
+    assert "Error)" not in result.stderr   # no exception class names (KeyError, EOFError...): words
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_cut_short_is_called_damaged(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:-200])   # the zip's directory at its end is gone
+    one_line_error(run_cli("evaluate", "--checkpoint", path),
+                   f"{path} is not a readable fmnist checkpoint: the file is damaged or cut short")
 
 
 def test_a_dict_without_weights_is_not_a_checkpoint(tmp_path):
@@ -49,7 +62,8 @@ def test_a_hostile_checkpoint_runs_no_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "hostile.pt"
     torch.save({"model": Hostile()}, path)
-    one_line_error(run_cli("evaluate", "--checkpoint", path), "is not a readable fmnist checkpoint")
+    one_line_error(run_cli("evaluate", "--checkpoint", path), "is not a readable fmnist checkpoint: it holds Python "
+                   "objects besides tensors and plain values, which are never loaded (they could run code)")
     assert not (tmp_path / "hacked").exists()
 
 
@@ -140,6 +154,30 @@ def test_ctrl_c_exits_non_zero_and_keeps_the_last_epoch(tmp_path, real_data, mon
     assert len(bars) == 2 and not any(bar.live.is_started for bar in bars)   # epoch 2's stopped: cursor back
     assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_sigterm_stops_train_as_ctrl_c_does_with_what_was_kept_and_exit_143(tmp_path, real_data):
+    """SIGTERM, how a container or a batch system stops a run, to a real `fmnist train` process once its first
+    epoch is saved: the same words as Ctrl-C (what the folder holds, how to resume), exit 143, the lock gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "train", "--epochs", "20", "--batch-size", "1000",
+                                "--device", "cpu", "--out", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, (stdout, stderr)
+    epoch = torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"]
+    assert 1 <= epoch < 20
+    assert stderr.strip().splitlines()[-1] == (f"terminated; {tmp_path / 'fmnist.pt'} holds epoch {epoch}: continue "
+                                               f"with `fmnist train --resume --out {tmp_path}`")
+    assert "Traceback" not in stderr and not (tmp_path / ".fmnist.lock").exists()
 
 
 def checkpoint_of(folder, epochs_done: int, epochs: int, schedule="onecycle"):
