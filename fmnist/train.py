@@ -131,7 +131,7 @@ def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporte
         write_metrics(out / "metrics.jsonl", history)
         report.epoch_end(history[-1])
     if history:
-        plots.curves(history, out / "curves.png")
+        plots.curves(history, out / "curves.png", config)
     return history
 
 
