@@ -6,9 +6,12 @@ torch is imported inside the commands, never here, so `fmnist --help` answers at
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, ParamSpec, TypeVar
 
@@ -19,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fmnist import FmnistError, __version__
+from fmnist import FmnistError, Terminated, __version__
 from fmnist.config import SCHEDULES, TrainConfig
 
 if TYPE_CHECKING:   # for hints alone: importing torch here would slow --help
@@ -108,6 +111,28 @@ def print_error(error: FmnistError | str) -> None:
     err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)   # [..] is not markup
 
 
+def stopped(interruption: KeyboardInterrupt) -> tuple[str, int]:
+    """What an interrupted command says, and its exit code: Ctrl-C's or SIGTERM's."""
+    return ("terminated", 143) if isinstance(interruption, Terminated) else ("interrupted", 130)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises Terminated (Python's default lets the process die without a word)."""
+    if threading.current_thread() is not threading.main_thread():   # signals are the main thread's alone
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -119,15 +144,17 @@ def friendly(command: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except FmnistError as e:
             if os.environ.get("FMNIST_DEBUG"):
                 raise
             print_error(e)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted", highlight=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            message, code = stopped(e)
+            err.print(message, highlight=False)
+            raise typer.Exit(code) from None
 
     return run
 
@@ -223,10 +250,11 @@ def train(
     start = time.perf_counter()
     try:
         history = training.train(config, reporter, resume=resume, overwrite=overwrite)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated)
         bars.stop()   # before the message (the finally below does it on every other way out)
-        err.print(f"interrupted; {_kept(out_dir)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        message, code = stopped(e)
+        err.print(f"{message}; {_kept(out_dir)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
     finally:
         bars.stop()   # every way out gives the terminal its cursor back
     _summary(history, out_dir, time.perf_counter() - start, bars.trained, data_dir)
@@ -367,8 +395,8 @@ def predict(
     code is then 1."""
     from fmnist import runtime
 
-    if top < 1:
-        raise FmnistError(f"--top {top}: must be 1 or more")
+    if not 1 <= top <= runtime.MAX_TOP:
+        raise FmnistError(f"--top {top}: must be 1 to {runtime.MAX_TOP} (there are {runtime.MAX_TOP} classes)")
     sess = runtime.session(onnx)
     if runtime.ood_threshold(sess) is None:
         _note(runtime.CANNOT_FLAG)
@@ -422,16 +450,18 @@ def serve(
         from fmnist import serve as server
     except ImportError as e:
         raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
-    for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1), ("--port", port, 0)):
+    for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1)):
         if value < least:
             raise FmnistError(f"{name} {value}: must be {least} or more")
+    if not 0 <= port <= 65535:
+        raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
     if max_delay_ms < 0 or max_body_mb <= 0:
         raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
     settings = server.Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms,
                                max_body_mb=max_body_mb)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    started = lambda: out.print(f"serving {onnx} at {url}  (the page at /, KServe v2 at /v2, metrics at /metrics; "   # noqa: E731
-                                "Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    address = f"[{host}]" if ":" in host else host
+    started = lambda bound: out.print(f"serving {onnx} at http://{address}:{bound}  (the page at /, KServe v2 at "   # noqa: E731
+                                      "/v2, metrics at /metrics; Ctrl-C stops it)", highlight=False, soft_wrap=True)
     server.serve(settings, host, port, workers, on_start=started)
     out.print("stopped", highlight=False)
 
@@ -508,10 +538,11 @@ def sweep(
             work(the_study, plan, runtime, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
         else:
             run_workers(storage, name, plan, runtime, workers)
-    except KeyboardInterrupt:
-        err.print("interrupted: finished trials are kept, and the one that was running resumes from its last "
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated)
+        message, code = stopped(e)
+        err.print(f"{message}: finished trials are kept, and the one that was running resumes from its last "
                   "completed epoch when you run the same command again", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(code) from None
     _show_sweep(the_study, out_dir)
 
 

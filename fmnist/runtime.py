@@ -106,6 +106,7 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 
 # ---- prediction on image files -------------------------------------------------------------------
 
+MAX_TOP = 10   # the most classes a prediction lists (predict --top, /predict?top=): there are 10
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 
 

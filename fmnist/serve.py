@@ -39,7 +39,6 @@ MAX_IMAGES = 4096           # images in one request: 4096 x 3 KiB of FP32 is 12 
 MAX_FILES = 64              # files in one /predict upload: each is decoded in full before it is shrunk to 28 x 28
 MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo decodes to ~120 MB of RGB):
                             # a small PNG can claim billions, a decompression bomb; refused before decoding
-MAX_TOP = 10                # /predict's ?top: there are 10 classes
 RETRY_AFTER_S = 1           # what a 503 tells a client to wait: a full queue drains in well under a second
 
 
@@ -318,8 +317,8 @@ def create_app(settings: Settings) -> FastAPI:
     # ---- for people: /predict and the page ---------------------------------------------------------------------
     @app.post("/predict")
     async def predict(request: Request, top: int = 3, invert: bool | None = None):
-        if not 1 <= top <= MAX_TOP:
-            raise ProtocolError(f"top={top}: must be 1 to {MAX_TOP}")
+        if not 1 <= top <= runtime.MAX_TOP:
+            raise ProtocolError(f"top={top}: must be 1 to {runtime.MAX_TOP}")
         form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
         uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
         if not uploads:
@@ -369,8 +368,9 @@ def from_environment() -> FastAPI:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int = 1,
-          on_start: Callable[[], object] | None = None) -> None:
-    """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime."""
+          on_start: Callable[[int], object] | None = None) -> None:
+    """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime.
+    Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on."""
     import socket
     import tempfile
 
@@ -383,6 +383,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
         except OSError as e:
             raise FmnistError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
                 from None
+        port = probe.getsockname()[1]   # port 0: the free port the system chose, which uvicorn then binds
     if settings.threads == 0:
         settings = Settings(**{**asdict(settings), "threads": max(1, (os.cpu_count() or 1) // workers)})
     os.environ["FMNIST_SERVE"] = json.dumps(asdict(settings))
@@ -390,6 +391,6 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
         if workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         if on_start:
-            on_start()
+            on_start(port)
         uvicorn.run("fmnist.serve:from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=5)

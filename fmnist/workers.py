@@ -11,6 +11,7 @@ values and the same folder, and the worker that takes it resumes it from its las
 """
 
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from fmnist import FmnistError
+from fmnist import FmnistError, Terminated
 from fmnist.config import LEARNED, flag
 from fmnist.sweep import (
     HEARTBEAT_SECONDS,
@@ -318,7 +319,11 @@ def run_workers(url: str | None, name: str, sweep: Sweep, runtime: Runtime, work
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):   # SIGTERM reached this process alone; Ctrl-C reached the workers too
+            for process in processes:
+                if process.is_alive() and process.pid:
+                    os.kill(process.pid, signal.SIGINT)   # each puts its trial back in the queue, as on Ctrl-C
         for process in processes:
             process.join()
         raise

@@ -92,7 +92,8 @@ def test_summary_gives_compile_time_apart_and_the_training_time_to_90_percent(ca
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--batch-size", "60001"], "--batch-size 60001: more than the 60,000 training images; at most 60000"),
-    (["predict", "x.png", "--top", "0"], "--top 0: must be 1 or more"),
+    (["predict", "x.png", "--top", "0"], "--top 0: must be 1 to 10 (there are 10 classes)"),
+    (["predict", "x.png", "--top", "20"], "--top 20: must be 1 to 10 (there are 10 classes)"),
     (["evaluate", "--plot", "confusion.bmp"], "--plot confusion.bmp: give a file ending in .png, .svg, .pdf"),
 ])
 def test_nonsense_values_are_one_line_errors(args, message, tmp_path, monkeypatch):

@@ -385,6 +385,35 @@ def test_a_port_in_use_is_one_line(exported):
     assert "choose another --port" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_a_port_outside_0_to_65535_is_one_line(exported, port):
+    result = run_cli("serve", "--onnx", exported[0], "--port", port)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == f"error: --port {port}: must be 0 to 65535 (0: a free port, chosen by the system)"
+
+
+def test_port_0_listens_on_a_free_port_and_prints_that_port(exported):
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "serve", "--onnx", str(exported[0]), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = process.stdout.readline()   # "serving ... at http://127.0.0.1:PORT  (...)"
+        url = first.split(" at ", 1)[1].split()[0]
+        port = int(url.rsplit(":", 1)[1])
+        assert port != 0, first
+        deadline = time.monotonic() + 60
+        while True:   # that port, not another, answers
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, first
+                time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+
+
 def test_a_missing_model_is_one_line_before_the_server_starts(tmp_path):
     result = run_cli("serve", "--onnx", tmp_path / "none.onnx", "--port", free_port())
     assert result.exit_code == 1 and "fmnist export --onnx" in result.stderr
