@@ -25,7 +25,7 @@ def prepared(image, fmt="PNG") -> np.ndarray:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     buffer.seek(0)
-    return runtime.load_image(buffer)[0][0]
+    return runtime.load_image(buffer).input[0]
 
 
 def sets(count: int) -> dict[str, np.ndarray]:

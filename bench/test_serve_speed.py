@@ -440,9 +440,10 @@ def test_onnxruntime_in_process(benchmark, session, images, batch_size):
 def test_predict_jpeg(benchmark, server, session, photo, concurrency):
     body, headers = multipart("boot.jpg", photo)
     [answer] = json.loads(post(server.url + "/predict", body, headers)[1])
-    image, negated = runtime.load_image(io.BytesIO(photo))
-    [expected] = runtime.predictions(session, image)
-    assert answer["negated"] == negated and [t["class"] for t in answer["top"]] == [t["class"] for t in expected["top"]]
+    prepared = runtime.load_image(io.BytesIO(photo))
+    [expected] = runtime.predictions(session, prepared.input)
+    assert answer["negated"] == prepared.negated
+    assert [t["class"] for t in answer["top"]] == [t["class"] for t in expected["top"]]
     measure(benchmark, server, http_request("/predict", body, headers), path="/predict JPEG", images=1,
             concurrency=concurrency, requests={1: 200, 16: 400, 64: 400}[concurrency])
 
@@ -452,8 +453,7 @@ def test_predict_in_process(benchmark, session, photo):
     """The bound of /predict: `fmnist predict`'s work for one JPEG in this process (decode and prepare it, run it,
     the top classes)."""
     def prepare_and_predict():
-        image, _ = runtime.load_image(io.BytesIO(photo))
-        return runtime.predictions(session, image)
+        return runtime.predictions(session, runtime.load_image(io.BytesIO(photo)).input)
 
     benchmark(prepare_and_predict)
     record(benchmark, path="predict in-process", samples=1, batch_size=1, device="cpu", concurrency=None,

@@ -41,10 +41,11 @@ def resumed_config(epochs: int | None, out: str, changed: dict, **runtime: Any) 
     if epochs is not None and epochs != config.epochs:
         if config.schedule != "constant":
             done = len(checkpoint["metrics"])
+            longer = replace(config, epochs=epochs)
             if done < config.epochs:
                 raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule is planned for "
-                                  f"{config.epochs} epochs; resume without --epochs to finish them")
-            longer = replace(config, epochs=epochs)
+                                  f"{config.epochs} epochs; resume without --epochs to finish them, or train the "
+                                  f"longer run afresh: {train_command(longer, f'{out}-{epochs}-epochs')}")
             raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule was planned for its "
                               f"{config.epochs} epochs and has run them all; for a longer run, train afresh: "
                               f"{train_command(longer, f'{out}-{epochs}-epochs')}")

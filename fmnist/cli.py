@@ -403,26 +403,31 @@ def predict(
     results, failed = [], 0
     for path in images:
         try:
-            image, negated = runtime.load_image(path, invert)
-            [prediction] = runtime.predictions(sess, image, top)
+            prepared = runtime.load_image(path, invert)
+            [prediction] = runtime.predictions(sess, prepared.input, top)
         except FmnistError as e:
             print_error(e)
             failed += 1
             continue
-        results.append({"image": str(path), "negated": negated, **prediction})
+        results.append({"image": str(path), "negated": prepared.negated, "background": prepared.background,
+                        **prediction})
         if not as_json:
-            _print_prediction(path, negated, prediction)
+            _print_prediction(results[-1], asked=invert is not None)
     if as_json:
         out.print_json(data=results)
     if failed:
         raise typer.Exit(1)
 
 
-def _print_prediction(path: Path, negated: bool, prediction: dict) -> None:
-    line = f"{escape(str(path))}: " + ", ".join(f"{row['class']} {row['probability']:.1%}"
-                                               for row in prediction["top"])
-    if negated:
-        line += "  (negated: light background)"
+def _print_prediction(prediction: dict, asked: bool) -> None:
+    """One image's line: its top classes, why it was negated (asked: --invert), whether it looks like an item."""
+    line = f"{escape(prediction['image'])}: " + ", ".join(f"{row['class']} {row['probability']:.1%}"
+                                                         for row in prediction["top"])
+    if prediction["negated"] and asked:
+        line += "  (negated, as asked)"
+    elif prediction["negated"]:
+        line += ("  (negated: light background)" if prediction["background"] == "light"
+                 else "  (negated: no plain background; its border is mostly light)")
     if prediction["out_of_distribution"]:
         line += "  [bold yellow]does not look like a Fashion-MNIST item[/]"
     out.print(line, highlight=False, soft_wrap=True)

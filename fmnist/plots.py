@@ -129,8 +129,8 @@ def sweep_figure(table: list[dict], swept: list[str], title: str = "sweep"):
 
 def _log_axis(ax, values: list[float]) -> None:
     """A log-scale x axis whose labels do not run into each other: plain numbers (0.002, not 2 x 10^-3) at 1, 2, 3
-    and 5 times a power of ten within a decade, 1 and 3 up to two and a half, powers of ten alone beyond; no minor labels
-    (matplotlib's own label 2, 3, 4 ... x 10^k where the values span less than a decade, and they overlap)."""
+    and 5 times a power of ten within a decade, 1 and 3 up to two and a half, powers of ten alone beyond; no
+    minor labels (matplotlib labels 2, 3, 4 ... x 10^k where the values span less than a decade: they overlap)."""
     import math
 
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter

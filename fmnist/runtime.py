@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -108,33 +108,48 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 
 MAX_TOP = 10   # the most classes a prediction lists (predict --top, /predict?top=): there are 10
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
+PLAIN_TOLERANCE = 0.10 * 255  # a plain background: most of the border within 10% of its median level (JPEG noise
+PLAIN_SHARE = 0.8             # and a shadow pass, uniform noise has about a fifth of its border there)
+
+
+class Prepared(NamedTuple):
+    """An image file made into the model's input, and what was decided on the way."""
+    input: np.ndarray    # (1, 1, 28, 28) float32 in [0, 1]
+    negated: bool        # its grey levels were negated (255 - level)
+    background: str      # its border: "light" or "dark" (one plain level), or "mixed" (no plain background)
 
 
 def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: str | None = None,
-               max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
+               max_pixels: int | None = None) -> Prepared:
     """An image file of any size and mode as a model input (1, 1, 28, 28), prepared the way Fashion-MNIST's
     images were made from product photos (Xiao et al. 2017, section 2): trim the edges that are close to the
     corner colour, resize the longest edge to 28, sharpen, centre on a 28 x 28 canvas, negate, 8-bit grey.
 
     Negating is decided from the image: a light border (a garment photographed on a light background, the
     common case) is negated, so that it becomes a light garment on a dark background as in Fashion-MNIST; a
-    dark one is not. invert=True or False overrides that. An image of 28 x 28 is taken as already made that
-    way (a Fashion-MNIST image): only the negating applies. Returns (input, whether it was negated).
+    dark one is not; a border that is no plain background (noise, a crop of a busy photo) is negated when most of
+    it is light, and `background` says "mixed", so that nobody is told of a light background that is not there.
+    invert=True or False overrides that. An image of 28 x 28 is taken as already made that way (a Fashion-MNIST
+    image): only the negating applies.
 
     path: a file's path, or an open binary file (an upload; `name` is then what errors call it). max_pixels:
     refuse larger images before decoding them (a server's guard against decompression bombs); None for PIL's
     own limit.
     """
-    gray, light = _decode(path, invert, name or str(path), max_pixels)
+    gray = _decode(path, invert, name or str(path), max_pixels)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    light = float(np.median(border)) > 127
+    plain = np.mean(np.abs(border - np.median(border)) <= PLAIN_TOLERANCE) >= PLAIN_SHARE
     negate = light if invert is None else invert
     if gray.shape != (28, 28):
         gray = _fashion_mnist_geometry(gray)
     pixels = 255 - gray if negate else gray
-    return to_model_input(np.clip(pixels, 0, 255).round().astype(np.uint8)[None]), negate
+    model_input = to_model_input(np.clip(pixels, 0, 255).round().astype(np.uint8)[None])
+    return Prepared(model_input, negate, ("light" if light else "dark") if plain else "mixed")
 
 
-def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> tuple[np.ndarray, bool]:
-    """The image as float grey levels 0..255 (H, W), and whether its border is light. Transparency is laid
+def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> np.ndarray:
+    """The image as float grey levels 0..255 (H, W). Transparency is laid
     on the background first (white, or black under --no-invert), so the colour stored under transparent
     pixels plays no part; 16-bit, 32-bit and float images are scaled by their range, not clipped."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -165,8 +180,7 @@ def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> tup
         gray = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
     else:
         gray = np.asarray(image.convert("RGB").convert("L"), dtype=np.float64)   # CMYK, palette, RGB...
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return gray, float(np.median(border)) > 127
+    return gray
 
 
 def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:

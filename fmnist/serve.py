@@ -326,13 +326,14 @@ def create_app(settings: Settings) -> FastAPI:
                                 "curl -F files=@shirt.jpg http://127.0.0.1:8000/predict")
         prepared = [await run_in_threadpool(runtime.load_image, upload.file, invert, upload.filename or "upload",
                                             MAX_PIXELS) for upload in uploads]
-        images = np.concatenate([image for image, _ in prepared])
+        images = np.concatenate([image.input for image in prepared])
         model = state["model"]
         outputs = await classify(images)
         scores = outputs[1] if model.threshold is not None else None
         results = runtime.predictions_from(outputs[0], scores, model.classes, model.threshold, top)
-        return [{"image": upload.filename, "negated": negated, **result, "input": png_data_url(image)}
-                for upload, (image, negated), result in zip(uploads, prepared, results, strict=True)]
+        return [{"image": upload.filename, "negated": image.negated, "background": image.background, **result,
+                 "input": png_data_url(image.input)} for upload, image, result in zip(uploads, prepared, results,
+                                                                                      strict=True)]
 
     @app.get("/")
     async def index():

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -128,6 +129,27 @@ def test_predict_negates_by_the_background_and_the_flags_override(exported, pngs
     assert rows["dark.png"]["top"][0] == pytest.approx(rows[pngs[0].name]["top"][0])   # the same input, in the end
     forced = run_cli("predict", dark_on_light, "--no-invert", "--onnx", exported[0], "--json")
     assert json.loads(forced.stdout)[0]["negated"] is False
+
+
+def test_predict_says_light_background_only_where_there_is_one(exported, test_images, tmp_path):
+    """Noise has no background: it is negated when its border is mostly light, and told so in words that are true;
+    a photo on white is told its light background; --invert is told it was asked."""
+    images, _ = test_images
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(90, 256, (300, 300), dtype=np.uint8)).save(noise)
+    photo = product_photo((images[0, 0] * 255).round().astype(np.uint8), tmp_path / "photo.jpg")
+    as_json = run_cli("predict", noise, photo, "--onnx", exported[0], "--json")
+    rows = {Path(row["image"]).name: row for row in json.loads(as_json.stdout)}
+    assert (rows["noise.png"]["negated"], rows["noise.png"]["background"]) == (True, "mixed")
+    assert (rows["photo.jpg"]["negated"], rows["photo.jpg"]["background"]) == (True, "light")
+    lines = run_cli("predict", noise, photo, "--onnx", exported[0]).stdout.splitlines()
+    assert "(negated: no plain background; its border is mostly light)" in lines[0] and "light background" \
+        not in lines[0]
+    assert "(negated: light background)" in lines[1]
+    dark = tmp_path / "dark.png"
+    Image.new("L", (28, 28), 0).save(dark)
+    asked = run_cli("predict", dark, "--invert", "--onnx", exported[0])
+    assert "(negated, as asked)" in asked.stdout and "background" not in asked.stdout
 
 
 @pytest.mark.parametrize("name, options", [

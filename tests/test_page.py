@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.images import product_photo
 
@@ -109,7 +110,10 @@ def assert_shows(card, answer: dict) -> None:
     assert seen.get_attribute("src") == answer["input"]
     assert seen.evaluate("image => [image.complete, image.naturalWidth, image.naturalHeight]") == [True, 28, 28]
     assert card.get_attribute("data-negated") == json.dumps(answer["negated"])
-    assert ("negated" if answer["negated"] else "kept") in card.locator(".negated").inner_text()
+    words = card.locator(".negated").inner_text()
+    assert ("negated" if answer["negated"] else "kept") in words
+    assert ("background was light" in words) == (answer["negated"] and answer["background"] == "light"), words
+    assert ("no plain background" in words) == (answer["background"] == "mixed"), words
     assert card.get_attribute("data-ood") == json.dumps(answer["out_of_distribution"]).replace("null", "unknown")
     assert card.locator(".ood").is_visible() == bool(answer["out_of_distribution"])
     if answer["out_of_distribution"]:
@@ -154,6 +158,18 @@ def test_a_chosen_photo_shows_what_predict_answers(page, server, garments, tmp_p
     assert_shows(card, answer[0])
     assert card.locator(".name").inner_text() == "ankle boot.jpg"
     assert answer[0]["negated"], "a dark garment on white is negated"
+
+
+def test_noise_is_not_said_to_have_a_light_background(page, server, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(90, 256, (200, 200), dtype=np.uint8)).save(noise)
+    page.set_input_files("#file-input", noise)
+    card = finished_card(page, "noise.png")
+    status, answer = predict(server, noise.name, noise.read_bytes())
+    assert status == 200 and answer[0]["background"] == "mixed", answer
+    assert_shows(card, answer[0])
+    assert card.locator(".negated").inner_text() == ("Colours negated: there is no plain background, and the border "
+                                                     "is mostly light.")
 
 
 def test_a_drawing_is_sent_as_a_png_of_its_strokes_and_its_answer_shown(page, server):

@@ -54,5 +54,5 @@ def test_the_lr_axis_labels_do_not_run_into_each_other(lrs):
               and ax.get_xlim()[0] <= label.get_position()[0] <= ax.get_xlim()[1]]
     assert len(labels) >= 2
     boxes = sorted((label.get_window_extent() for label in labels), key=lambda box: box.x0)
-    for left, right in zip(boxes, boxes[1:]):
+    for left, right in zip(boxes, boxes[1:], strict=False):   # each label and the next
         assert not left.overlaps(right), [label.get_text() for label in labels]

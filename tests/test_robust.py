@@ -209,7 +209,8 @@ def test_growing_a_scheduled_run_says_what_works(tmp_path):
                    f"train afresh: fmnist train --epochs 5 --out {done}-5-epochs")
     checkpoint_of(half, epochs_done=1, epochs=3)
     one_line_error(run_cli("train", "--resume", "--epochs", "5", "--out", half),
-                   "is planned for 3 epochs; resume without --epochs to finish them")
+                   "is planned for 3 epochs; resume without --epochs to finish them, or train the longer run "
+                   f"afresh: fmnist train --epochs 5 --out {half}-5-epochs")
 
 
 def test_a_fresh_run_into_a_finished_one_is_refused(tmp_path, real_data):

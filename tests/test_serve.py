@@ -169,7 +169,7 @@ def test_predict_answers_what_fmnist_predict_json_answers(server, exported, imag
     for item, want, (name, _) in zip(served, expected, files, strict=True):
         seen = item.pop("input")
         assert item == {**want, "image": name}
-        image, _ = runtime.load_image(tmp_path / name)
+        image = runtime.load_image(tmp_path / name).input
         from PIL import Image
         shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(seen.removeprefix("data:image/png;base64,")))))
         np.testing.assert_array_equal(shown, (image[0, 0] * 255).round().astype(np.uint8))
