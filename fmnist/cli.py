@@ -554,8 +554,6 @@ def sweep(
 def _show_sweep(the_study, out_dir: Path) -> None:
     """The table of the trials, best first; results.csv and sweep.png beside the trials; the best run and the
     command that trains it again."""
-    from rich import box
-
     from fmnist import plots, results
     from fmnist.files import prepare_out
     from fmnist.sweep import Sweep
@@ -563,19 +561,9 @@ def _show_sweep(the_study, out_dir: Path) -> None:
     prepare_out(out_dir)
     plan = Sweep.from_json(the_study.user_attrs["sweep"])
     rows = results.rows(the_study)
-
-    table = Table(*plan.swept, "final acc", "best (epoch)", "epochs run", "train s", "samples/s", "state",
-                  title=f"fmnist sweep {the_study.study_name}: {len(rows)} trials, best first", box=box.SIMPLE_HEAD)
-    table.add_column("folder", overflow="fold")
-    for column in table.columns[:-1]:
-        column.no_wrap = True
-    percent = lambda v: f"{v:.2%}" if v is not None else "-"   # noqa: E731
-    for r in rows:
-        best = f"{percent(r['best_test_accuracy'])} ({r['best_epoch']})" if r["best_epoch"] else "-"
-        table.add_row(*[str(r.get(n, "-")) for n in plan.swept], percent(r["final_test_accuracy"]), best,
-                      str(r["epochs_done"] or "-"), f"{r['train_seconds']:.3g}" if r["train_seconds"] else "-",
-                      f"{r['samples_per_second']:,.0f}" if r["samples_per_second"] else "-", r["state"], r["folder"])
-    (out if out.is_terminal else Console(width=160)).print(table)   # logs and pipes get whole rows
+    console = out if out.is_terminal else Console(width=160)   # logs and pipes get whole rows
+    console.print(sweep_table(rows, plan.swept, f"fmnist sweep {the_study.study_name}: {len(rows)} trials, best "
+                              "first", console.width))
     results.write_csv(rows, plan, out_dir / "results.csv")
     plots.sweep(rows, plan.swept, out_dir / "sweep.png", title=f"sweep {the_study.study_name}")
     out.print(f"wrote {out_dir / 'results.csv'} and {out_dir / 'sweep.png'}", highlight=False)
@@ -584,6 +572,35 @@ def _show_sweep(the_study, out_dir: Path) -> None:
         out.print(f"best: {top['folder']}, test accuracy {top['final_test_accuracy']:.2%}; train it again with:",
                   highlight=False)
         out.print(f"  {results.reproduce(top, plan, out_dir)}", highlight=False, soft_wrap=True)
+
+
+def sweep_table(rows: list[dict], swept: list[str], title: str, width: int) -> Table:
+    """The trials, best first, within `width` columns: each value on one line (a header may take two), and the
+    folder column only where it fits (a grid's folder is named by the swept values; results.csv has each)."""
+    from rich import box
+    from rich.console import Console
+
+    percent = lambda v: f"{v:.2%}" if v is not None else "-"   # noqa: E731
+    headers = [*[name.replace("_", " ") for name in swept], "final acc", "best (epoch)", "epochs", "train s",
+               "samples/s", "state", "folder"]
+    cells = [[*[str(r.get(n, "-")) for n in swept], percent(r["final_test_accuracy"]),
+              f"{percent(r['best_test_accuracy'])} ({r['best_epoch']})" if r["best_epoch"] else "-",
+              str(r["epochs_done"] or "-"), f"{r['train_seconds']:.3g}" if r["train_seconds"] else "-",
+              f"{r['samples_per_second']:,.0f}" if r["samples_per_second"] else "-", r["state"], r["folder"]]
+             for r in rows]
+
+    def table(columns: int) -> Table:
+        folders_cut = columns < len(headers) and rows
+        made = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption=
+                     f"each trial's folder (e.g. {rows[0]['folder']}) is in results.csv" if folders_cut else None)
+        for i, header in enumerate(headers[:columns]):   # nothing is cut: a column is as wide as its widest value
+            made.add_column(header, width=max(len(text) for text in [*header.split(), *(r[i] for r in cells)]))
+        for row in cells:
+            made.add_row(*row[:columns])
+        return made
+
+    whole = table(len(headers))
+    return whole if Console(width=10_000).measure(whole).maximum <= width else table(len(headers) - 1)
 
 
 class RichReporter:
@@ -625,12 +642,29 @@ class RichReporter:
 
     def epoch_end(self, row: dict) -> None:
         self.stop()
+        if not self.trained:   # the first epoch of this command: the columns' names, once
+            out.print(epoch_line(EPOCH_COLUMNS), highlight=False, soft_wrap=True)
         self.trained += 1
-        out.print(
-            f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
-            f"  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}"
-            f"  {row['train_seconds']:.3g} s  {row['samples_per_second']:,.0f} samples/s",
-            highlight=False, soft_wrap=True)
+        out.print(epoch_line(epoch_cells(row, self.epochs)), highlight=False, soft_wrap=True)
+
+
+# An epoch's line, under a header printed once: within 80 columns at any epoch count and speed (1,000,000 samples/s)
+EPOCH_COLUMNS = ("epoch", "train loss", "train acc", "test loss", "test acc", "train s", "samples/s")
+EPOCH_WIDTHS = (7, 10, 9, 9, 8, 7, 9)
+
+
+def epoch_cells(row: dict, epochs: int) -> tuple[str, ...]:
+    return (f"{row['epoch']}/{epochs}", f"{row['train_loss']:.4f}", f"{row['train_accuracy']:.2%}",
+            f"{row['test_loss']:.4f}", f"{row['test_accuracy']:.2%}",
+            f"{row['train_seconds']:.3g}" if row["train_seconds"] < 1000 else f"{row['train_seconds']:,.0f}",
+            f"{row['samples_per_second']:,.0f}")
+
+
+def epoch_line(cells: tuple[str, ...]) -> str:
+    """The epoch (left) and its numbers (right), each in its column."""
+    first, *numbers = cells
+    right = [text.rjust(width) for text, width in zip(numbers, EPOCH_WIDTHS[1:], strict=True)]
+    return "  ".join([first.ljust(EPOCH_WIDTHS[0]), *right])
 
 
 def _summary(history: list[dict], out_dir: Path, seconds: float, trained: int | None = None,

@@ -270,7 +270,19 @@ def test_piped_output_has_no_blank_line_between_epochs(tmp_path, monkeypatch):
     result = run_cli("train", "--epochs", "2", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("epoch 1/2  train loss") and lines[1].startswith("epoch 2/2  train loss"), lines[:3]
+    assert lines[:3] == ["epoch    train loss  train acc  test loss  test acc  train s  samples/s",
+                         "1/2          0.5000     80.00%     0.5000    80.00%        1     60,000",
+                         "2/2          0.5000     80.00%     0.5000    80.00%        1     60,000"], lines[:4]
+
+
+def test_epoch_lines_fit_80_columns_at_any_epoch_count_and_speed():
+    from fmnist.cli import EPOCH_COLUMNS, epoch_cells, epoch_line
+
+    row = dict(epoch=100, train_loss=12.3456, train_accuracy=1.0, test_loss=10.5, test_accuracy=1.0,
+               train_seconds=1234.6, samples_per_second=1_234_567.0)
+    lines = [epoch_line(EPOCH_COLUMNS), epoch_line(epoch_cells(row, 100))]
+    assert max(map(len, lines)) <= 80 and len(lines[0]) == len(lines[1]), lines
+    assert lines[1].split() == ["100/100", "12.3456", "100.00%", "10.5000", "100.00%", "1,235", "1,234,567"]
 
 
 def test_the_readmes_cpu_install_takes_pyprojects_torch_and_its_gpu_options_exist():
@@ -288,3 +300,34 @@ def test_the_readmes_cpu_install_takes_pyprojects_torch_and_its_gpu_options_exis
     options = run_cli_wide("train", "--help").stdout
     for option in set(re.findall(r"--[a-z-]+", gpu)) - {"--index-url"}:
         assert option in options, option
+
+
+def sweep_rows() -> list[dict]:
+    """A grid of three options as results.rows gives it: done trials, best first, then one waiting."""
+    rows = [{"lr": lr, "batch_size": bs, "seed": seed, "final_test_accuracy": 0.9124 - i / 100,
+             "best_test_accuracy": 0.9131, "best_epoch": 28, "epochs_done": 30, "train_seconds": 57.3,
+             "samples_per_second": 31415.9, "state": "complete", "folder": f"lr-{lr}_batch-size-{bs}_seed-{seed}"}
+            for i, (lr, bs, seed) in enumerate([(0.01, 100, 0), (0.005, 1000, 1), (0.0005, 1000, 0)])]
+    return rows + [{**rows[0], "lr": 0.1, "folder": "lr-0.1_batch-size-100_seed-0", "state": "waiting",
+                    **dict.fromkeys(("final_test_accuracy", "best_test_accuracy", "best_epoch", "epochs_done",
+                                     "train_seconds", "samples_per_second"))}]
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_the_sweep_table_fits_its_width_and_cuts_no_value(width):
+    from rich.console import Console
+
+    from fmnist.cli import sweep_table
+
+    console = Console(width=width, record=True)
+    console.print(sweep_table(sweep_rows(), ["lr", "batch_size", "seed"], "fmnist sweep lr-bs", width))
+    lines = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= width
+    assert not any("…" in line for line in lines), lines
+    rows = [line.split() for line in lines if line.lstrip().startswith("0.0")]
+    assert rows[0][:9] == ["0.01", "100", "0", "91.24%", "91.31%", "(28)", "30", "57.3", "31,416"], lines
+    assert rows[0][9] == "complete" and rows[-1][:3] == ["0.0005", "1000", "0"]
+    if width == 160:   # room for the folders
+        assert rows[0][-1] == "lr-0.01_batch-size-100_seed-0"
+    else:              # the table says where they are
+        assert any("(e.g. lr-0.01_batch-size-100_seed-0) is in results.csv" in line for line in lines)

@@ -20,7 +20,8 @@ def test_one_epoch_writes_checkpoint_and_metrics(trained):
     # timed by the loop, checked against a clock outside it: the epoch cannot take longer than the command
     assert 0 < rows[0]["train_seconds"] < result.wall_seconds
     assert rows[0]["samples_per_second"] > 60_000 / result.wall_seconds
-    assert "epoch 1/1" in result.stdout and f"{rows[0]['test_accuracy']:.2%}" in result.stdout
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("1/1 ")]   # under the header
+    assert f"{rows[0]['test_accuracy']:.2%}" in line and f"{rows[0]['train_loss']:.4f}" in line
     assert rows[0]["compile_seconds"] == 0.0 and "torch.compile" not in result.stdout   # no --compile
     assert f"{rows[0]['train_seconds']:.3g} s (the epochs' training passes)" in result.stdout
     assert not list(out.glob(".*tmp*")), "temporary files were left behind"
