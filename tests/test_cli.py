@@ -230,27 +230,6 @@ def test_summary_of_a_resumed_run_says_whose_wall_time_it_gives(capsys, tmp_path
     assert "trained by this command" not in capsys.readouterr().out   # a whole run: the wall time is all its own
 
 
-def test_what_the_readmes_examples_write_is_ignored_by_git():
-    """Running the README's commands in a checkout leaves `git status` clean: every --out, --plot, --triton and
-    --benchmark-json of its examples (a placeholder such as DIR aside) is ignored."""
-    import re
-
-    root = Path(__file__).parents[1]
-    if not (root / ".git").exists():
-        pytest.skip("not a git checkout")
-    examples = "\n".join(block for readme in ("README.md", "bench/README.md")
-                         for block in re.findall(r"```(?:sh|console)\n(.*?)```", (root / readme).read_text(), re.S))
-    written = {  # what each option writes, as a file git would otherwise show
-        "out": "{}/metrics.jsonl", "plot": "{}", "triton": "{}/fmnist/config.pbtxt", "benchmark-json": "{}"}
-    paths = [written[option].format(target.rstrip("/"))
-             for option, target in re.findall(r"--(out|plot|triton|benchmark-json) ([\w./-]+)", examples)
-             if not target.isupper()]
-    assert {"runs/lr-bs/metrics.jsonl", "cm.png", "models/fmnist/config.pbtxt", "out.json"} <= set(paths)
-    checked = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *paths],
-                             cwd=root, capture_output=True, text=True)
-    assert not [line for line in checked.stdout.splitlines() if line.startswith("::")], checked.stdout
-
-
 def test_piped_output_has_no_blank_line_between_epochs(tmp_path, monkeypatch):
     """CliRunner's output is not a terminal, like `fmnist train | cat`: the epoch lines follow one another."""
     from fmnist import train as training
@@ -283,23 +262,6 @@ def test_epoch_lines_fit_80_columns_at_any_epoch_count_and_speed():
     lines = [epoch_line(EPOCH_COLUMNS), epoch_line(epoch_cells(row, 100))]
     assert max(map(len, lines)) <= 80 and len(lines[0]) == len(lines[1]), lines
     assert lines[1].split() == ["100/100", "12.3456", "100.00%", "10.5000", "100.00%", "1,235", "1,234,567"]
-
-
-def test_the_readmes_cpu_install_takes_pyprojects_torch_and_its_gpu_options_exist():
-    """The CPU wheels' command pins pyproject.toml's torch range (else `pip install -e .` swaps in the CUDA build);
-    the GPU paragraph's options are train's real ones."""
-    import re
-
-    root = Path(__file__).parents[1]
-    readme = (root / "README.md").read_text()
-    wanted = dict(re.findall(r'^ *"((torch|torchvision)[<>=][^"]*)"', (root / "pyproject.toml").read_text(), re.M))
-    wanted = {name: spec for spec, name in wanted.items()}
-    assert (f'pip install "{wanted["torch"]}" "{wanted["torchvision"]}" '
-            "--index-url https://download.pytorch.org/whl/cpu") in readme
-    gpu = readme[readme.index("**With a GPU**"):readme.index("## The Network")]
-    options = run_cli_wide("train", "--help").stdout
-    for option in set(re.findall(r"--[a-z-]+", gpu)) - {"--index-url"}:
-        assert option in options, option
 
 
 def sweep_rows() -> list[dict]:
