@@ -1,4 +1,4 @@
-"""The page at / (fmnist/page.html) in a real browser: Debian's Chromium driven by Playwright, against the real
+"""The page at / (fmnist/serve/page.html) in a real browser: Debian's Chromium driven by Playwright, against the real
 `fmnist serve` of the session. Each card the page shows is held against what POST /predict answers for the same
 bytes, posted here without the page."""
 

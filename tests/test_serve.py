@@ -421,14 +421,15 @@ def test_a_missing_model_is_one_line_before_the_server_starts(tmp_path):
 
 def test_without_the_serve_extra_it_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)   # as if not installed: importing it raises ImportError
-    monkeypatch.delitem(sys.modules, "fmnist.serve", raising=False)
+    for name in [name for name in sys.modules if name == "fmnist.serve" or name.startswith("fmnist.serve.")]:
+        monkeypatch.delitem(sys.modules, name)   # the package and its modules are imported afresh, as in a new process
     monkeypatch.delattr("fmnist.serve", raising=False)
     result = run_cli("serve")
     assert result.exit_code == 1 and 'pip install "fmnist[serve]"' in result.stderr
 
 
 def test_the_server_never_imports_torch():
-    code = "import sys, fmnist.serve, fmnist.protocol, fmnist.batching; print('torch' in sys.modules)"
+    code = "import sys, fmnist.serve, fmnist.serve.protocol, fmnist.serve.batching; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ}).stdout.strip() == "False"
 

@@ -12,8 +12,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import triton_to_np_dtype
 
-from fmnist import FmnistError, data, triton
+from fmnist import FmnistError, data
 from fmnist.model import CLASSES
+from fmnist.serve import triton
 from tests.conftest import run_cli
 
 

@@ -1,12 +1,12 @@
 """`fmnist serve`: the exported model behind an HTTP server, on onnxruntime, without torch.
 
-- The Open Inference Protocol (KServe v2) at /v2, as Triton speaks it (fmnist.protocol): tritonclient.http and
+- The Open Inference Protocol (KServe v2) at /v2, as Triton speaks it (fmnist.serve.protocol): tritonclient.http and
   any client written for Triton or KServe work unchanged, JSON or binary tensors.
 - POST /predict: image files in, `fmnist predict --json`'s answer out, through the same preparation
   (fmnist.runtime.load_image), with the 28 x 28 image the network saw.
 - GET /: a page for people (page.html beside this file). GET /metrics: Prometheus' text format.
 
-Concurrent requests share onnxruntime runs (fmnist.batching). The app is built by create_app(), so tests and
+Concurrent requests share onnxruntime runs (fmnist.serve.batching). The app is built by create_app(), so tests and
 benchmarks make their own; `fmnist serve` runs it on uvicorn.
 """
 
@@ -28,9 +28,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fmnist import FmnistError, __version__, protocol, runtime
-from fmnist.batching import Batcher, Overloaded
-from fmnist.protocol import BINARY_HEADER, InferenceResponse, ProtocolError, ResponseOutput
+from fmnist import FmnistError, __version__, runtime
+from fmnist.serve import protocol
+from fmnist.serve.batching import Batcher, Overloaded
+from fmnist.serve.protocol import BINARY_HEADER, InferenceResponse, ProtocolError, ResponseOutput
 
 MODEL, VERSION = "fmnist", "1"   # the model's name and only version on the /v2 routes, as in a Triton repository
 
@@ -201,7 +202,7 @@ def error(status: int, message: str, headers: dict | None = None) -> Response:
 def create_app(settings: Settings) -> FastAPI:
     """The server's ASGI app. The model is loaded when it starts (its lifespan), once, not per request."""
     metrics = Metrics()
-    page = resources.files("fmnist").joinpath("page.html").read_bytes()
+    page = resources.files("fmnist.serve").joinpath("page.html").read_bytes()
     state: dict = {}
 
     async def lifespan(app):
@@ -393,5 +394,5 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         if on_start:
             on_start(port)
-        uvicorn.run("fmnist.serve:from_environment", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("fmnist.serve.app:from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=5)
