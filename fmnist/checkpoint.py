@@ -8,62 +8,29 @@ import io
 import json
 import pickle
 import platform
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fmnist import FmnistError, __version__
-from fmnist.config import TrainConfig, train_command
+from fmnist.config import TrainConfig
 from fmnist.files import atomic_path
 from fmnist.model import Network
 
-if TYPE_CHECKING:   # for hints alone: fmnist.train imports this module
-    from fmnist.train import TrainingState
 
-
-def resumed_config(epochs: int | None, out: str, changed: dict, **runtime: Any) -> TrainConfig:
-    """The config of the run saved in `out`, to continue it. Where it runs (device, compile, amp, data_dir)
-    may change; so may --epochs, unless the step size follows a schedule planned for the saved number."""
-    path = Path(out) / "fmnist.pt"
-    if not path.is_file():
-        raise FmnistError(f"--resume: no checkpoint in {out} to resume; train without --resume first")
-    given = [name for name, value in changed.items() if value is not None]
-    if given:
-        raise FmnistError(f"--resume continues the recipe saved in {path}; leave out "
-                          f"--{given[0].replace('_', '-')} (or train afresh in another --out)")
-    checkpoint = load_checkpoint(path, resume=True)
-    try:
-        config = TrainConfig(**{**checkpoint["config"], **runtime, "out": str(out)})
-    except TypeError:
-        raise FmnistError(f"{path} was written by another version of fmnist; train afresh") from None
-    if epochs is not None and epochs != config.epochs:
-        if config.schedule != "constant":
-            done = len(checkpoint["metrics"])
-            longer = replace(config, epochs=epochs)
-            if done < config.epochs:
-                raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule is planned for "
-                                  f"{config.epochs} epochs; resume without --epochs to finish them, or train the "
-                                  f"longer run afresh: {train_command(longer, f'{out}-{epochs}-epochs')}")
-            raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule was planned for its "
-                              f"{config.epochs} epochs and has run them all; for a longer run, train afresh: "
-                              f"{train_command(longer, f'{out}-{epochs}-epochs')}")
-        config = replace(config, epochs=epochs)
-    return config
-
-
-def save_checkpoint(path: Path, state: "TrainingState", config: TrainConfig, history: list[dict]) -> None:
-    """The Network's weights under "model" (the moving average when there is one) and plain-typed metadata
-    beside them, so that torch.load(path, weights_only=True) reads it all; under "training", what --resume
-    needs."""
+def save_checkpoint(path: Path, weights: dict, training: dict, config: TrainConfig, history: list[dict]) -> None:
+    """The Network's weights under "model" (the moving average when there is one), plain-typed metadata beside
+    them, and under "training" what --resume needs (a TrainingState's state_dict), so that
+    torch.load(path, weights_only=True) reads it all."""
     checkpoint = {
-        "model": on_cpu({k: v.contiguous() for k, v in state.network().state_dict().items()}),
+        "model": on_cpu({k: v.contiguous() for k, v in weights.items()}),
         "epoch": history[-1]["epoch"],
         "config": asdict(config),
         "metrics": history,
         "versions": {"fmnist": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
-        "training": on_cpu(state.state_dict()),
+        "training": on_cpu(training),
     }
     buffer = io.BytesIO()   # serialised first: a full disk is then an OSError of the write, not torch's
     torch.save(checkpoint, buffer)
@@ -122,6 +89,12 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError):
         return "it holds Python objects besides tensors and plain values, which are never loaded (they could run code)"
     return "the file is damaged or cut short"
+
+
+def saved_epoch(folder: str | Path) -> int | None:
+    """The epoch the run in `folder` has saved (what an interrupted run kept), None if it saved none."""
+    path = Path(folder) / "fmnist.pt"
+    return load_checkpoint(path).get("epoch") if path.is_file() else None
 
 
 def load_network(path: str | Path) -> Network:

@@ -108,7 +108,7 @@ def sweep_figure(table: list[dict], swept: list[str], title: str = "sweep"):
                         label=row["folder"], alpha=0.8)
     curves.set(title=title, xlabel="epoch", ylabel="test accuracy (%)")
     _epoch_axis(curves, [epoch for row in table for epoch in range(1, len(row["curve"] or []) + 1)])
-    if len(table) <= 12:
+    if len(table) <= 12 and any(row["curve"] for row in table):   # a legend of the curves drawn, if few
         curves.legend(fontsize=7)
     done = [row for row in table if row["final_test_accuracy"] is not None]
     for ax, name in zip(by_value, swept, strict=True):

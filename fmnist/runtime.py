@@ -51,7 +51,7 @@ def class_names(sess: "ort.InferenceSession") -> list[str]:
 def run(sess: "ort.InferenceSession", images: np.ndarray,
         batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (N, 10) and ood_score (N,) for float32 images (N, 1, 28, 28) with pixels in [0, 1], run
-    `batch_size` at a time. The score is None for a model exported without it (fmnist before 0.2)."""
+    `batch_size` at a time. The score is None for a model exported without it (by an older fmnist)."""
     name, outputs = sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()]
     wanted = outputs[:1] + (["ood_score"] if "ood_score" in outputs else [])
     results = [sess.run(wanted, {name: images[i:i + batch_size]}) for i in range(0, len(images), batch_size)]
@@ -198,6 +198,14 @@ def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:
     canvas = Image.new("L", (28, 28), int(round(corner)))
     canvas.paste(small, ((28 - size[0]) // 2, (28 - size[1]) // 2))
     return np.asarray(canvas, dtype=np.float64)
+
+
+def predict_file(sess: "ort.InferenceSession", path: str | Path, invert: bool | None = None, k: int = 3) -> dict:
+    """`fmnist predict`'s answer for one image file: its name, whether it was negated and its border's kind
+    (load_image), its k most probable classes, and whether it looks like a Fashion-MNIST item."""
+    prepared = load_image(path, invert)
+    [prediction] = predictions(sess, prepared.input, k)
+    return {"image": str(path), "negated": prepared.negated, "background": prepared.background, **prediction}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

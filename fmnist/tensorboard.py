@@ -67,3 +67,8 @@ class TensorBoardReporter:
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
         self.hparams_written = True
+
+
+def reporting(reporter: "Reporter", folder: Path | None, config: TrainConfig) -> "Reporter":
+    """`reporter`, and TensorBoard's event files in `folder` beside it where one is given."""
+    return TensorBoardReporter(folder, config, reporter) if folder else reporter

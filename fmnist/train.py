@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,26 +60,72 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(config: TrainConfig, report: Reporter = SILENT, resume: bool = False,
-          overwrite: bool = False) -> list[dict]:
+def train(config: TrainConfig, report: Reporter = SILENT, resume: bool = False, overwrite: bool = False,
+          checkpoint: dict | None = None) -> list[dict]:
     """Train the Network as `config` says; after each epoch, write the checkpoint and metrics to config.out.
 
-    resume: continue the run whose checkpoint is in config.out from its last completed epoch.
+    resume: continue the run whose checkpoint is in config.out from its last completed epoch (`checkpoint`:
+    that checkpoint, where the caller has read it already, as resumed_config does).
     overwrite: a fresh run may replace the run already in config.out (refused otherwise, to lose nothing).
     Returns the metrics, one dict per epoch.
     """
     check(config)
     device = resolve_device(config.device)
     with hold(prepare_out(config.out)) as out:
-        return _train(config, device, out, report, resume, overwrite)
+        if resume and checkpoint is None:
+            checkpoint = load_checkpoint(out / "fmnist.pt", resume=True)
+        return _train(config, device, out, report, checkpoint if resume else None, overwrite)
 
 
-def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporter, resume: bool,
+def configure(learning: dict, placement: dict, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """`fmnist train`'s config, and the checkpoint it resumes (None for a fresh run). learning: the options
+    that change what is learned, None where not given (recipe and epochs among them); placement: where and
+    how it runs (device, compile, amp, data_dir, out)."""
+    learning = dict(learning)
+    recipe_name, epochs = learning.pop("recipe"), learning.pop("epochs")
+    if resume:   # the recipe is the run's own: any other given is refused (tuned is the default, not given)
+        return resumed_config(epochs, changed={**learning, "recipe": None if recipe_name == "tuned" else recipe_name},
+                              **placement)
+    return recipe(recipe_name, epochs=epochs, **learning, **placement), None
+
+
+def resumed_config(epochs: int | None, out: str, changed: dict, **placement: Any) -> tuple[TrainConfig, dict]:
+    """The config of the run saved in `out`, to continue it, and its checkpoint (read once: pass it on to
+    train). Where it runs (device, compile, amp, data_dir) may change; so may --epochs, unless the step size
+    follows a schedule planned for the saved number. What else was given (`changed`) is refused."""
+    path = Path(out) / "fmnist.pt"
+    if not path.is_file():
+        raise FmnistError(f"--resume: no checkpoint in {out} to resume; train without --resume first")
+    given = [name for name, value in changed.items() if value is not None]
+    if given:
+        raise FmnistError(f"--resume continues the recipe saved in {path}; leave out "
+                          f"--{given[0].replace('_', '-')} (or train afresh in another --out)")
+    checkpoint = load_checkpoint(path, resume=True)
+    try:
+        config = TrainConfig(**{**checkpoint["config"], **placement, "out": str(out)})
+    except TypeError:
+        raise FmnistError(f"{path} was written by another version of fmnist; train afresh") from None
+    if epochs is not None and epochs != config.epochs:
+        if config.schedule != "constant":
+            done = len(checkpoint["metrics"])
+            longer = replace(config, epochs=epochs)
+            if done < config.epochs:
+                raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule is planned for "
+                                  f"{config.epochs} epochs; resume without --epochs to finish them, or train the "
+                                  f"longer run afresh: {train_command(longer, f'{out}-{epochs}-epochs')}")
+            raise FmnistError(f"--epochs {epochs}: this run's {config.schedule} schedule was planned for its "
+                              f"{config.epochs} epochs and has run them all; for a longer run, train afresh: "
+                              f"{train_command(longer, f'{out}-{epochs}-epochs')}")
+        config = replace(config, epochs=epochs)
+    return config, checkpoint
+
+
+
+def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporter, saved: dict | None,
            overwrite: bool) -> list[dict]:
-    if not resume and not overwrite and (out / "fmnist.pt").exists():
+    if saved is None and not overwrite and (out / "fmnist.pt").exists():
         raise FmnistError(f"{out} holds a run already ({out / 'fmnist.pt'}); continue it with --resume, train "
                           "into another --out, or replace it with --overwrite")
-    saved = load_checkpoint(out / "fmnist.pt", resume=True) if resume else None
     torch.manual_seed(config.seed)
     train_x, train_y = data.to_tensors(data.load("train", config.data_dir), device)
     test_x, test_y = data.to_tensors(data.load("test", config.data_dir), device)
@@ -127,7 +173,7 @@ def _train(config: TrainConfig, device: torch.device, out: Path, report: Reporte
             "compile_seconds": compile_seconds,   # before this epoch, not in its train_seconds
         })
         compile_seconds = 0.0
-        save_checkpoint(out / "fmnist.pt", state, config, history)
+        save_checkpoint(out / "fmnist.pt", state.network().state_dict(), state.state_dict(), config, history)
         write_metrics(out / "metrics.jsonl", history)
         report.epoch_end(history[-1])
     if history:
@@ -201,8 +247,8 @@ class TrainingState:
 class MovingAverage(torch.optim.swa_utils.AveragedModel):
     """The exponential moving average of a model's weights, as torch's AveragedModel computes it with
     get_ema_multi_avg_fn(decay): the first update copies the weights, each later one moves the average
-    1 - decay of the way towards them. Its state_dict is AveragedModel's too (n_averaged, module.*), so runs
-    saved before this class existed resume. Only the update is its own: AveragedModel's copies its count
+    1 - decay of the way towards them. Its state_dict is AveragedModel's too (n_averaged, module.*), so a
+    checkpoint of either resumes into the other. Only the update is its own: AveragedModel's copies its count
     (n_averaged, a CPU tensor) to the GPU at every update, and that copy waits for the GPU, a host sync per
     step. Here the count is a Python int; n_averaged stays on the CPU as its copy for the checkpoint."""
 
@@ -294,6 +340,10 @@ def compiled_network(model: Network, device: torch.device) -> Callable[[torch.Te
     GPU more than the arithmetic (not measured yet: bench/README.md). dynamic=False: code for fixed shapes,
     compiled once per batch size (an epoch has at most two).
     """
+    import logging
+
+    # On a machine without CUDA, torch.compile warns that it found no CUDA toolkit: irrelevant here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 

@@ -78,13 +78,14 @@ def test_missing_data_names_the_ways_to_get_it(tmp_path):
 
 
 def test_summary_gives_compile_time_apart_and_the_training_time_to_90_percent(capsys, tmp_path):
-    from fmnist.cli import _summary
+    from fmnist.cli.console import print_summary
+    from fmnist.summary import summarize
 
     rows = [dict(epoch=epoch, train_loss=0.3, train_accuracy=0.9, test_loss=0.3, test_accuracy=accuracy,
                  train_seconds=0.25, samples_per_second=240_000, compile_seconds=compile_seconds)
             for epoch, accuracy, compile_seconds in [(1, 0.85, 7.5), (2, 0.8999, 0.0), (3, 0.9012, 0.0),
                                                      (4, 0.89, 0.0)]]
-    _summary(rows, tmp_path, seconds=12.0)
+    print_summary(summarize(rows), tmp_path, seconds=12.0)
     text = capsys.readouterr().out
     assert "epoch 3, after 0.75 s of training" in text            # the first epoch at 90%, its time summed
     assert "7.5 s, once, not in the training time" in text and "1 s (the epochs' training passes)" in text
@@ -203,30 +204,32 @@ def summary_rows(epochs: int) -> list[dict]:
 
 
 def test_summary_names_the_curves_and_the_next_step(capsys, tmp_path, monkeypatch):
-    from fmnist.cli import _summary
+    from fmnist.cli.console import print_summary
+    from fmnist.summary import summarize
 
     monkeypatch.chdir(tmp_path)   # short paths: no table cell wraps
-    _summary(summary_rows(2), Path("runs/a b"), seconds=5.0, trained=2)
+    print_summary(summarize(summary_rows(2)), Path("runs/a b"), seconds=5.0, trained=2)
     text = capsys.readouterr().out
     assert "runs/a b/curves.png" in text
     assert "next: export it to ONNX with fmnist export --onnx --checkpoint 'runs/a b/fmnist.pt' --output " \
            "'runs/a b/fmnist.onnx'" in text
-    _summary(summary_rows(2), Path("export"), seconds=5.0, trained=2, data_dir=Path("/srv/fmnist"))
+    print_summary(summarize(summary_rows(2)), Path("export"), seconds=5.0, trained=2, data_dir=Path("/srv/fmnist"))
     assert "with fmnist export --onnx --data-dir /srv/fmnist\n" in capsys.readouterr().out   # export's defaults
 
 
 def test_summary_of_a_resumed_run_says_whose_wall_time_it_gives(capsys, tmp_path, monkeypatch):
-    from fmnist.cli import _summary
+    from fmnist.cli.console import print_summary
+    from fmnist.summary import summarize
 
     monkeypatch.chdir(tmp_path)
-    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=0)   # --resume on a finished run
+    print_summary(summarize(summary_rows(3)), Path("run"), seconds=4.0, trained=0)   # --resume on a finished run
     text = capsys.readouterr().out
     assert "6 s (the epochs' training passes)" in text
     assert "wall time (this command) │ 4.0 s" in text
     assert "trained by this command  │ none: the run was finished already" in text
-    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=1)
+    print_summary(summarize(summary_rows(3)), Path("run"), seconds=4.0, trained=1)
     assert "│ epoch 3 (epochs 1-2 earlier)" in capsys.readouterr().out
-    _summary(summary_rows(3), Path("run"), seconds=4.0, trained=3)
+    print_summary(summarize(summary_rows(3)), Path("run"), seconds=4.0, trained=3)
     assert "trained by this command" not in capsys.readouterr().out   # a whole run: the wall time is all its own
 
 
@@ -255,7 +258,7 @@ def test_piped_output_has_no_blank_line_between_epochs(tmp_path, monkeypatch):
 
 
 def test_epoch_lines_fit_80_columns_at_any_epoch_count_and_speed():
-    from fmnist.cli import EPOCH_COLUMNS, epoch_cells, epoch_line
+    from fmnist.cli.console import EPOCH_COLUMNS, epoch_cells, epoch_line
 
     row = dict(epoch=100, train_loss=12.3456, train_accuracy=1.0, test_loss=10.5, test_accuracy=1.0,
                train_seconds=1234.6, samples_per_second=1_234_567.0)
@@ -279,7 +282,7 @@ def sweep_rows() -> list[dict]:
 def test_the_sweep_table_fits_its_width_and_cuts_no_value(width):
     from rich.console import Console
 
-    from fmnist.cli import sweep_table
+    from fmnist.cli.console import sweep_table
 
     console = Console(width=width, record=True)
     console.print(sweep_table(sweep_rows(), ["lr", "batch_size", "seed"], "fmnist sweep lr-bs", width))
@@ -293,3 +296,17 @@ def test_the_sweep_table_fits_its_width_and_cuts_no_value(width):
         assert rows[0][-1] == "lr-0.01_batch-size-100_seed-0"
     else:              # the table says where they are
         assert any("(e.g. lr-0.01_batch-size-100_seed-0) is in results.csv" in line for line in lines)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["export"], ["evaluate"], ["predict"], ["serve"], ["sweep"]])
+def test_help_reads_at_80_columns_with_nothing_cut_off(command):
+    result = CliRunner().invoke(__import__("fmnist.cli", fromlist=["app"]).app, [*command, "--help"],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    cut = [line for line in lines if "…" in line or line.rstrip().endswith("...") and not line.startswith("Usage:")]
+    assert max(map(len, lines)) <= 80 and not cut, cut
+    assert "<bool>" not in result.stdout and "\\[" not in result.stdout   # no metavar of a flag, no markup escape
+    if command == ["train"]:   # a description wraps in its own column, beside its option
+        assert any(line.startswith("  --tensorboard") for line in lines)
+        assert 'pip install "fmnist[tensorboard]"' in " ".join(line.strip() for line in lines)

@@ -68,7 +68,7 @@ def test_a_sweep_on_a_full_disk_is_one_line(disk, real_data):
     assert result.exit_code == 0, result.output
     import optuna
 
-    from fmnist.sweep import open_storage
+    from fmnist.sweep.study import open_storage
     study = optuna.load_study(study_name="sweep", storage=open_storage(None, disk / "sweep"))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["lr"] for t in complete) == [0.003, 0.01]

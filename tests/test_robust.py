@@ -7,8 +7,10 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from fmnist import FmnistError
+from fmnist.cli import app
 from fmnist.train import Silent, recipe, train
 from tests.conftest import run_cli
 
@@ -118,40 +120,54 @@ def test_interrupt_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, re
     assert [r["epoch"] for r in lines] == [1, 2, 3]
 
 
-def progress_bars(monkeypatch) -> list:
-    """The progress bars the CLI's reporter starts, kept to check afterwards that each was stopped. The output
-    is made a terminal: elsewhere the reporter draws no bar."""
-    from rich.console import Console
-
-    from fmnist import cli
-
-    monkeypatch.setattr(cli, "out", Console(force_terminal=True))
-
-    bars, real_epoch_start = [], cli.RichReporter.epoch_start
-
-    def keep(self, *args):
-        real_epoch_start(self, *args)
-        bars.append(self.progress)
-
-    monkeypatch.setattr(cli.RichReporter, "epoch_start", keep)
-    return bars
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"   # what a progress bar sends a terminal as it starts, stops
 
 
-def test_ctrl_c_exits_non_zero_and_keeps_the_last_epoch(tmp_path, real_data, monkeypatch):
-    from fmnist import cli
+def cursor_given_back(output: str, bars: int) -> bool:
+    """`bars` progress bars were drawn on the terminal, and the cursor was shown again after the last."""
+    return output.count(HIDE_CURSOR) == bars and output.rindex(SHOW_CURSOR) > output.rindex(HIDE_CURSOR)
 
-    bars = progress_bars(monkeypatch)
-    real_epoch_start = cli.RichReporter.epoch_start
 
-    def interrupt_at_2(self, epoch, epochs, samples):
-        real_epoch_start(self, epoch, epochs, samples)     # the bar is drawn, then Ctrl-C
-        InterruptAt(2).epoch_start(epoch, epochs, samples)
+def test_ctrl_c_on_a_terminal_exits_130_keeps_the_last_epoch_and_gives_the_cursor_back(tmp_path, real_data):
+    """A real `fmnist train` on a pseudo-terminal, Ctrl-C's SIGINT while epoch 2's bar is drawn."""
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
 
-    monkeypatch.setattr(cli.RichReporter, "epoch_start", interrupt_at_2)
-    result = run_cli("train", "--epochs", "2", "--batch-size", "1000", "--out", tmp_path)
-    assert result.exit_code == 130 and "Traceback" not in result.output
-    assert f"interrupted; {tmp_path / 'fmnist.pt'} holds epoch 1: continue with `fmnist train --resume" in result.stderr
-    assert len(bars) == 2 and not any(bar.live.is_started for bar in bars)   # epoch 2's stopped: cursor back
+    terminal, its_side = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "train", "--epochs", "3", "--batch-size", "1000",
+                                "--device", "cpu", "--out", str(tmp_path)], stdin=its_side, stdout=its_side,
+                               stderr=its_side, env={**os.environ, "COLUMNS": "100", "TERM": "xterm"})
+    os.close(its_side)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:   # the process is gone: its side of the terminal closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while b"epoch 2/3" not in b"".join(chunks) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)   # epoch 1 is saved and epoch 2's bar is on the screen
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+    os.close(terminal)
+    output = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 130, output
+    assert f"interrupted; {tmp_path / 'fmnist.pt'} holds epoch 1: continue with `fmnist train --resume" in \
+        output.replace("\r\n", "\n").replace("\n", "")
+    assert "Traceback" not in output and cursor_given_back(output, bars=2), output
     assert torch.load(tmp_path / "fmnist.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -190,8 +206,8 @@ def checkpoint_of(folder, epochs_done: int, epochs: int, schedule="onecycle"):
     row = dict(epoch=0, train_loss=1.0, train_accuracy=0.5, test_loss=1.0, test_accuracy=0.5, train_seconds=1.0,
                samples_per_second=60_000.0, compile_seconds=0.0)
     history = [{**row, "epoch": e} for e in range(1, epochs_done + 1)]
-    save_checkpoint(folder / "fmnist.pt", TrainingState(config, torch.device("cpu"), steps_per_epoch=10), config,
-                    history)
+    state = TrainingState(config, torch.device("cpu"), steps_per_epoch=10)
+    save_checkpoint(folder / "fmnist.pt", state.network().state_dict(), state.state_dict(), config, history)
     return folder / "fmnist.pt"
 
 
@@ -259,9 +275,9 @@ def test_a_diverging_run_stops_with_a_command_that_runs_and_keeps_the_last_good_
     from fmnist import train as training
 
     monkeypatch.setattr(training, "train_epoch", NaNInEpoch(training.train_epoch, epoch=2))
-    bars = progress_bars(monkeypatch)
-    result = run_cli("train", "--recipe", "seed", "--epochs", "3", "--batch-size", "2000", "--out", tmp_path)
-    assert len(bars) == 2 and not any(bar.live.is_started for bar in bars)   # epoch 2's stopped too: cursor back
+    result = CliRunner().invoke(app, ["train", "--recipe", "seed", "--epochs", "3", "--batch-size", "2000", "--out",
+                                      str(tmp_path)], env={"TTY_COMPATIBLE": "1"})   # rich draws as on a terminal
+    assert cursor_given_back(result.stdout, bars=2), result.stdout   # epoch 2's bar stopped too: cursor back
     advice = f"fmnist train --epochs 3 --batch-size 2000 --lr 0.001 --schedule constant --shift 0 " \
              f"--label-smoothing 0.0 --out {tmp_path}-lr0.001"
     one_line_error(result, "the loss became infinite or NaN in epoch 2; train again with a lower --lr: " + advice,

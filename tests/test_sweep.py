@@ -7,12 +7,13 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from PIL import Image
 
-from fmnist import sweep as sweeping, workers
+from fmnist.sweep import plan as plans, results, study as studies, workers
 from tests import tutorial
 from tests.conftest import run_cli
 from tests.test_robust import one_line_error
@@ -29,8 +30,8 @@ def trials(out, study=None, storage=None):
     """The sweep's trials as its storage holds them."""
     import optuna
 
-    sweeping.quiet_optuna()
-    return optuna.load_study(storage=sweeping.open_storage(storage, out), study_name=study or out.name).trials
+    studies.quiet_optuna()
+    return optuna.load_study(storage=studies.open_storage(storage, out), study_name=study or out.name).trials
 
 
 def started(output: str) -> Counter:
@@ -138,7 +139,7 @@ def postgres_url():
     try:
         import sqlalchemy
 
-        with sqlalchemy.create_engine(sweeping._with_driver(url)).connect():
+        with sqlalchemy.create_engine(studies._with_driver(url)).connect():
             pass
     except Exception as e:
         reason = f"needs a PostgreSQL server at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -148,13 +149,35 @@ def postgres_url():
     return url
 
 
+def test_workers_that_start_together_on_a_new_database_all_open_it(tmp_path, postgres_url):
+    """Each worker's first look at a database without Optuna's tables creates them; started together, all but
+    one of them lose that race in PostgreSQL (UniqueViolation) and must open it on a second try."""
+    import sqlalchemy
+
+    schema = f"fresh_{uuid.uuid4().hex[:8]}"   # a new, empty database as far as Optuna can see
+    engine = sqlalchemy.create_engine(studies._with_driver(postgres_url))
+    with engine.begin() as db:
+        db.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    try:
+        for _ in range(3):   # the race is lost often, not every time: three rounds of six at once
+            with engine.begin() as db:
+                db.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE; CREATE SCHEMA {schema}"))
+            with ThreadPoolExecutor(6) as pool:
+                storages = list(pool.map(lambda _: studies.open_storage(url, tmp_path), range(6)))
+            assert len(storages) == 6 and all(storage.get_all_studies() == [] for storage in storages)
+    finally:
+        with engine.begin() as db:
+            db.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
 def test_concurrent_workers_on_postgresql_run_each_point_exactly_once(tmp_path, real_data, postgres_url):
     out, study = tmp_path / "pg", f"test-{uuid.uuid4().hex[:8]}"
     output = sweep_processes(out, "--storage", postgres_url, "--study", study)
     assert started(output) == Counter({folder: 1 for folder in FOLDERS}), output
     stored = trials(out, study, postgres_url)
     assert complete_once(stored) and len(stored) == 4
-    assert not (out / sweeping.JOURNAL).exists()   # the database held the sweep, not a file
+    assert not (out / studies.JOURNAL).exists()   # the database held the sweep, not a file
     shown = run_cli("sweep", "--show", "--storage", postgres_url, "--study", study, "--out", tmp_path / "elsewhere")
     assert shown.exit_code == 0 and all(folder in shown.stdout for folder in FOLDERS)
 
@@ -246,9 +269,7 @@ def test_tensorboard_without_the_extra_names_it(tmp_path, monkeypatch):
 
 
 def test_results_csv_rounds_what_it_shows_and_keeps_the_swept_values(tmp_path):
-    from fmnist import results
-
-    plan = sweeping.Sweep(values={"lr": sweeping.Range(1e-4, 1e-2), "epochs": [2]}, trials=2)
+    plan = plans.Sweep(values={"lr": plans.Range(1e-4, 1e-2), "epochs": [2]}, trials=2)
     done = {"folder": "trial-0000", "state": "complete", "lr": 0.0031622776601683794, "final_test_accuracy":
             0.8682000041007996, "best_test_accuracy": 0.8700999999046326, "best_epoch": 1, "epochs_done": 2,
             "train_seconds": 12.345678, "samples_per_second": 9719.5012345}
@@ -299,15 +320,15 @@ def test_a_worker_killed_mid_trial_is_resumed_by_the_same_command(tmp_path, real
 
 def test_a_worker_killed_holding_the_journals_lock_does_not_stop_the_others(tmp_path, real_data):
     """A lock file left by a worker killed mid-write: the next command takes it over after the grace period
-    (fmnist.sweep.JOURNAL_LOCK_GRACE_SECONDS) and finishes the sweep."""
+    (fmnist.sweep.study.JOURNAL_LOCK_GRACE_SECONDS) and finishes the sweep."""
     out = tmp_path / "locked"
     out.mkdir()
-    (out / (sweeping.JOURNAL + ".lock")).touch()   # what a worker killed while writing leaves
+    (out / (studies.JOURNAL + ".lock")).touch()   # what a worker killed while writing leaves
     result = subprocess.run([sys.executable, "-m", "fmnist.cli", "sweep", "--lr", "0.01,0.001", "--epochs", "1",
                              "--batch-size", "2000", "--device", "cpu", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)   # not for ever
     assert result.returncode == 0 and not result.stderr, result.stdout + result.stderr
-    assert not (out / (sweeping.JOURNAL + ".lock")).exists()
+    assert not (out / (studies.JOURNAL + ".lock")).exists()
     done = Counter(t.user_attrs["folder"] for t in trials(out) if t.state.name == "COMPLETE")
     assert done == Counter({"lr-0.01": 1, "lr-0.001": 1})
 
@@ -317,15 +338,15 @@ def test_a_worker_elsewhere_that_stops_beating_is_released_on_postgresql(tmp_pat
     cannot be looked up here) has been silent past the grace period is failed and queued again."""
     import sqlalchemy
 
-    plan = sweeping.make_sweep({"lr": [0.01, 0.001]}, None, False)
-    study = workers.open_study(sweeping.open_storage(postgres_url, tmp_path), f"test-{uuid.uuid4().hex[:8]}", plan)
+    plan = plans.make_sweep({"lr": [0.01, 0.001]}, None, False)
+    study = studies.open_study(studies.open_storage(postgres_url, tmp_path), f"test-{uuid.uuid4().hex[:8]}", plan)
     trial = workers.next_trial(study, plan)
     params = workers.suggest(trial, plan)   # as run_trial does: the trial's values and folder
-    trial.set_user_attr("folder", sweeping.folder_name(params))
+    trial.set_user_attr("folder", plans.folder_name(params))
     trial.set_user_attr("worker", "another-machine:4242")
-    engine = sqlalchemy.create_engine(sweeping._with_driver(postgres_url))
+    engine = sqlalchemy.create_engine(studies._with_driver(postgres_url))
     beats = sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :id")
-    with workers.Heartbeat(study, trial), engine.connect() as db:
+    with studies.Heartbeat(study, trial), engine.connect() as db:
         assert db.execute(beats, {"id": trial._trial_id}).scalar() == 1   # heard while it runs
     workers.release_stale(study)
     assert study._storage.get_trial(trial._trial_id).state.name == "RUNNING"   # recent: alive
@@ -334,6 +355,6 @@ def test_a_worker_elsewhere_that_stops_beating_is_released_on_postgresql(tmp_pat
                                    "WHERE trial_id = :id"), {"id": trial._trial_id})
     workers.release_stale(study)
     assert study._storage.get_trial(trial._trial_id).state.name == "FAIL"
-    folder = sweeping.folder_name(params)
+    folder = plans.folder_name(params)
     again = [t for t in study.get_trials() if t.state.name == "WAITING" and t.user_attrs["folder"] == folder]
     assert [t.params for t in again] == [params]   # the same point again, into the same folder

@@ -13,30 +13,19 @@ values and the same folder, and the worker that takes it resumes it from its las
 import os
 import signal
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from fmnist import FmnistError, Terminated
 from fmnist.config import LEARNED, flag
-from fmnist.sweep import (
-    HEARTBEAT_SECONDS,
-    LOG_SCALE,
-    SWEEPABLE,
-    Range,
-    Sweep,
-    open_storage,
-    open_study,
-    quiet_optuna,
-    trial_config,
-)
+from fmnist.sweep.plan import LOG_SCALE, SWEEPABLE, Range, Sweep, trial_config
+from fmnist.sweep.study import Heartbeat, claim, fail, frozen, heartbeat_storage, open_storage, open_study, quiet_optuna
 
 if TYPE_CHECKING:   # for hints alone: optuna and torch are imported where a sweep runs
     import optuna
     import torch
-    from optuna.storages._heartbeat import BaseHeartbeat
     from optuna.trial import FrozenTrial
 
 
@@ -75,35 +64,24 @@ def release_stale(study: "optuna.Study") -> None:
     """Fail and queue again the RUNNING trials whose worker died: on this machine, a worker process that is
     gone; on a database, also a worker that missed its heartbeats (Optuna's fail_stale_trials)."""
     import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    storage = study._storage
     if heartbeat_storage(study) is not None:
         optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "folder" in trial.user_attrs and _is_dead(trial.user_attrs.get("worker")):
-            try:
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue   # another worker released it first
-            requeue(study, trial)
+        if "folder" in trial.user_attrs and _is_dead(trial.user_attrs.get("worker")) and fail(study, trial):
+            requeue(study, trial)   # (not if another worker released it first)
 
 
 def next_trial(study: "optuna.Study", sweep: Sweep) -> "optuna.Trial | None":
     """The next trial for this worker: a queued one (a grid point, or one to resume), else in a search a new
     one while fewer than --trials have been started; None when the sweep has nothing left to hand out."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    storage = study._storage
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):   # exactly one worker wins
-                return optuna.Trial(study, waiting._trial_id)
-        except UpdateFinishedTrialError:
-            continue
+        taken = claim(study, waiting)   # exactly one worker wins each
+        if taken is not None:
+            return taken
     if sweep.is_search:
         assert sweep.trials is not None   # make_sweep refuses a search without --trials
         started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
@@ -129,7 +107,7 @@ def suggest(trial: "optuna.Trial", sweep: Sweep) -> dict:
 
 
 @dataclass
-class Runtime:
+class Placement:
     """Where and how the trials run; none of it changes what is learned."""
     out: Path
     device: str = "auto"
@@ -139,7 +117,7 @@ class Runtime:
     tensorboard: bool = False
 
 
-def work(study: "optuna.Study", sweep: Sweep, runtime: Runtime, say: Callable[[str], object] = print) -> int:
+def work(study: "optuna.Study", sweep: Sweep, placement: Placement, say: Callable[[str], object] = print) -> int:
     """Run trials until the sweep has none left for this worker. Returns how many this worker trained."""
     count = 0
     while True:
@@ -147,11 +125,11 @@ def work(study: "optuna.Study", sweep: Sweep, runtime: Runtime, say: Callable[[s
         trial = next_trial(study, sweep)
         if trial is None:
             return count
-        run_trial(study, trial, sweep, runtime, say)
+        run_trial(study, trial, sweep, placement, say)
         count += 1
 
 
-def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, runtime: Runtime,
+def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, placement: Placement,
               say: Callable[[str], object] = print) -> None:
     """One trial: an ordinary training run in its folder, resumed there if a checkpoint exists. Its test
     accuracy is reported every epoch (the pruner may stop it); the last one is the trial's value."""
@@ -166,15 +144,15 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, runtim
     folder = trial.user_attrs.get("folder") or f"trial-{trial.number:04d}"
     trial.set_user_attr("folder", folder)
     trial.set_user_attr("worker", worker_id())
-    out = runtime.out / folder
-    config = trial_config(params, sweep.fixed, str(out), device=runtime.device, compile=runtime.compile,
-                          amp=runtime.amp, data_dir=runtime.data_dir)
+    out = placement.out / folder
+    config = trial_config(params, sweep.fixed, str(out), device=placement.device, compile=placement.compile,
+                          amp=placement.amp, data_dir=placement.data_dir)
     resume = (out / "fmnist.pt").is_file()
     if resume:
         _check_same_run(load_checkpoint(out / "fmnist.pt")["config"], config, out)
     lines = TrialReporter(trial, folder, say)
     report: Reporter = lines
-    if runtime.tensorboard:
+    if placement.tensorboard:
         from fmnist.tensorboard import TensorBoardReporter
 
         report = TensorBoardReporter(out, config, lines)
@@ -189,7 +167,7 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, runtim
             return
         except WriteError:        # a full disk: the machine's problem, not the values'. Kept for the next try
             study.tell(trial, state=TrialState.FAIL)
-            requeue(study, study._storage.get_trial(trial._trial_id))
+            requeue(study, frozen(study, trial))
             raise
         except FmnistError as e:   # a real outcome of these values, e.g. a loss that became NaN: not retried
             trial.set_user_attr("error", str(e))
@@ -198,7 +176,7 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, runtim
             return
         except BaseException:     # Ctrl-C, or a crash: queued again, to resume from the last epoch
             study.tell(trial, state=TrialState.FAIL)
-            requeue(study, study._storage.get_trial(trial._trial_id))
+            requeue(study, frozen(study, trial))
             raise
     _record(trial, history)
     study.tell(trial, history[-1]["test_accuracy"])
@@ -213,17 +191,11 @@ def _check_same_run(saved: dict, config, out: Path) -> None:
 
 
 def _record(trial, history: list[dict]) -> None:
-    """The trial's results in the study too, so that the table can be made from any machine of the sweep."""
-    if not history:
-        return
-    best = max(history, key=lambda row: row["test_accuracy"])
-    trial.set_user_attr("result", {
-        "epochs_done": len(history),
-        "final_test_accuracy": history[-1]["test_accuracy"],
-        "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
-        "train_seconds": sum(row["train_seconds"] for row in history),
-        "samples_per_second": sum(row["samples_per_second"] for row in history) / len(history),
-        "curve": [row["test_accuracy"] for row in history]})
+    """The trial's summary in the study too, so that the table can be made from any machine of the sweep."""
+    from fmnist.summary import summarize
+
+    if history:
+        trial.set_user_attr("result", summarize(history))
 
 
 class TrialReporter:
@@ -253,43 +225,7 @@ class TrialReporter:
             raise optuna.TrialPruned()
 
 
-def heartbeat_storage(study: "optuna.Study") -> "BaseHeartbeat | None":
-    """The study's storage where it keeps heartbeats (a database), else None (a journal file). Optuna wraps a
-    database in its cache (_CachedStorage), which is not an RDBStorage but passes the heartbeats through."""
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    storage = study._storage
-    return storage if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage) else None
-
-
-class Heartbeat:
-    """While a trial runs, tell a database every HEARTBEAT_SECONDS that its worker lives (a journal file
-    has no heartbeat: there, a dead worker is a process of this machine that is gone)."""
-
-    def __init__(self, study: "optuna.Study", trial: "optuna.Trial") -> None:
-        self.trial_id = trial._trial_id
-        self.database = heartbeat_storage(study)   # None: a journal file
-        self.stop = threading.Event()
-
-    def __enter__(self) -> "Heartbeat":
-        if self.database is not None:
-            self.database.record_heartbeat(self.trial_id)
-            self.thread = threading.Thread(target=self._beat, args=(self.database,), daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self, database: "BaseHeartbeat") -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
-            database.record_heartbeat(self.trial_id)
-
-    def __exit__(self, *exc: object) -> Literal[False]:
-        self.stop.set()
-        if self.database is not None:
-            self.thread.join()
-        return False
-
-
-def worker_process(url: str | None, name: str, sweep: Sweep, runtime: Runtime, threads: int) -> None:
+def worker_process(url: str | None, name: str, sweep: Sweep, placement: Placement, threads: int) -> None:
     """The body of one of --workers N processes on this machine: torch's threads divided between them."""
     import sys
 
@@ -298,7 +234,7 @@ def worker_process(url: str | None, name: str, sweep: Sweep, runtime: Runtime, t
     torch.set_num_threads(threads)
     quiet_optuna()
     try:
-        work(open_study(open_storage(url, runtime.out), name, sweep), sweep, runtime)
+        work(open_study(open_storage(url, placement.out), name, sweep), sweep, placement)
     except KeyboardInterrupt:
         pass   # the trial was queued again; the parent reports the interruption
     except FmnistError as e:
@@ -306,13 +242,13 @@ def worker_process(url: str | None, name: str, sweep: Sweep, runtime: Runtime, t
         sys.exit(1)
 
 
-def run_workers(url: str | None, name: str, sweep: Sweep, runtime: Runtime, workers: int) -> None:
+def run_workers(url: str | None, name: str, sweep: Sweep, placement: Placement, workers: int) -> None:
     """--workers N: N processes, each taking trials until none is left."""
     import multiprocessing
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")   # a fresh interpreter each: no torch state forked
-    processes = [context.Process(target=worker_process, args=(url, name, sweep, runtime, threads))
+    processes = [context.Process(target=worker_process, args=(url, name, sweep, placement, threads))
                  for _ in range(workers)]
     for process in processes:
         process.start()
@@ -331,3 +267,28 @@ def run_workers(url: str | None, name: str, sweep: Sweep, runtime: Runtime, work
     if failed:
         raise FmnistError(f"{len(failed)} of {workers} workers stopped with an error (exit code {failed[0]}); "
                           "run the same command again to continue the sweep")
+
+
+def run_sweep(sweep: Sweep, name: str, storage: str | None, placement: Placement, workers: int = 1,
+              say: Callable[[str], object] = print) -> "optuna.Study":
+    """The whole sweep on this machine: what every trial needs checked first (the device, the tensorboard extra,
+    the data, the folder), the study opened or created, then its trials run by `workers` processes (one: this
+    one, which `say`s each trial's lines). Returns the study, for the table."""
+    from fmnist import data
+    from fmnist.files import prepare_out
+    from fmnist.train import resolve_device
+
+    if workers < 1:
+        raise FmnistError(f"--workers {workers}: must be 1 or more")
+    resolve_device(placement.device)
+    if placement.tensorboard:
+        from fmnist.tensorboard import summary_writer  # noqa: F401  (one line now if the extra is missing)
+    data.locate(placement.data_dir)
+    prepare_out(placement.out).mkdir(parents=True, exist_ok=True)   # the journal and the trials' folders go here
+    quiet_optuna()
+    study = open_study(open_storage(storage, placement.out), name, sweep)
+    if workers == 1:
+        work(study, sweep, placement, say)
+    else:
+        run_workers(storage, name, sweep, placement, workers)
+    return study

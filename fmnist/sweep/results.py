@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from fmnist.config import train_command
 from fmnist.files import atomic_path
-from fmnist.sweep import Sweep, trial_config
+from fmnist.sweep.plan import Sweep, trial_config
 
 if TYPE_CHECKING:   # for hints alone: optuna is imported where a sweep runs
     import optuna
@@ -55,6 +55,19 @@ def _rounded(value: float | None, digits: int) -> float | int | None:
     if value is None:
         return None
     return round(value) if digits == 0 else round(value, digits)
+
+
+def save(study: "optuna.Study", out: Path) -> tuple[Sweep, list[dict]]:
+    """The sweep and its rows, best first; results.csv and sweep.png written beside the trials."""
+    from fmnist import plots
+    from fmnist.files import prepare_out
+
+    prepare_out(out)
+    sweep = Sweep.from_json(study.user_attrs["sweep"])
+    table = rows(study)
+    write_csv(table, sweep, out / "results.csv")
+    plots.sweep(table, sweep.swept, out / "sweep.png", title=f"sweep {study.study_name}")
+    return sweep, table
 
 
 def best(table: list[dict]) -> dict | None:

@@ -1,0 +1,12 @@
+"""The `fmnist` command line, in three files:
+
+    commands.py  each command: its options, then one call into the library
+    console.py   everything a person sees: progress, tables, summaries, predictions, errors
+    usage.py     how a command ends when it cannot go on: one `error:` line and the README's exit codes
+
+Importing it imports no torch: the commands import what they need when they run.
+"""
+
+from fmnist.cli.commands import app
+
+__all__ = ["app"]
