@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fmnist import FmnistError, __version__, runtime
 from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher, Overloaded
-from fmnist.serve.protocol import BINARY_HEADER, InferenceResponse, ProtocolError, ResponseOutput
+from fmnist.serve.protocol import BINARY_HEADER, ProtocolError
 
 MODEL, VERSION = "fmnist", "1"   # the model's name and only version on the /v2 routes, as in a Triton repository
 
@@ -296,19 +296,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
         wanted = protocol.wanted_outputs(inference, model.outputs)
         values = dict(zip(model.outputs, await classify(images), strict=True))
-        outputs, tensors, binary_outputs = [], {}, {}
-        for output, as_binary, class_count in wanted:
-            tensor = values[output]
-            if class_count:
-                tensor = protocol.classification(tensor, class_count, model.classes)
-            outputs.append(ResponseOutput(name=output, shape=list(tensor.shape),
-                                          datatype="BYTES" if class_count else "FP32"))
-            tensors[output], binary_outputs[output] = tensor, as_binary
-        response = InferenceResponse(model_name=MODEL, model_version=VERSION, id=inference.id, outputs=outputs)
-        body, header_length = protocol.encode_response(response, tensors, binary_outputs)
-        if header_length is None:
-            return Response(body, media_type="application/json")
-        return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+        reply = protocol.inference_response(inference, wanted, values, model.classes, MODEL, VERSION)
+        return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 
     # The hot path as a plain Starlette route: FastAPI's parameter handling cost as much as the route's own work
     # (cProfile, bench/README.md's Serving section); the route reads its path parameters itself.

@@ -16,7 +16,7 @@ answers 400 with `{"error": "..."}`, the protocol's error form.
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -113,32 +113,8 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
             or any(want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=True)) \
             or any(got < 0 for got in tensor.shape):
         raise ProtocolError(f"input {name!r}: shape {tensor.shape} does not fit the model's {_shape_text(shape)}")
-    count = math.prod(tensor.shape)   # exact: numpy's int64 product wraps around for a huge shape
-    dtype = DATATYPES[tensor.datatype]
     size = (tensor.parameters or {}).get("binary_data_size")
-    if size is not None:
-        if tensor.data is not None:
-            raise ProtocolError(f"input {name!r}: give either data or binary_data_size, not both")
-        if size != len(binary):
-            raise ProtocolError(f"input {name!r}: binary_data_size is {size} but {len(binary)} bytes follow the "
-                                "JSON header")
-        if size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name!r}: {size} bytes is not {count} {tensor.datatype} values "
-                                f"(shape {tensor.shape}: {count * dtype.itemsize} bytes)")
-        array = np.frombuffer(binary, dtype=dtype)
-    else:
-        if binary:
-            raise ProtocolError(f"{len(binary)} bytes follow the JSON header but no input has binary_data_size")
-        if tensor.data is None:
-            raise ProtocolError(f"input {name!r}: no data; "
-                                "give data, or binary_data_size with the bytes after the JSON")
-        try:
-            array = np.asarray(tensor.data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError):   # OverflowError: 300 as UINT8, 10**400 as FP32
-            raise ProtocolError(f"input {name!r}: data must be numbers ({tensor.datatype}), as a flat or nested "
-                                "list of equal-length rows") from None
-        if array.size != count:
-            raise ProtocolError(f"input {name!r}: {array.size} values in data, but shape {tensor.shape} needs {count}")
+    array = _binary_values(tensor, binary, size) if size is not None else _json_values(tensor, binary)
     array = array.reshape(tensor.shape).astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ProtocolError(f"input {name!r}: contains NaN or infinity; pixels must be numbers in [0, 1]")
@@ -148,17 +124,58 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
     return array
 
 
+def _binary_values(tensor: RequestInput, binary: bytes, size: object) -> np.ndarray:
+    """The input's values from the `size` bytes after the JSON (the binary extension), flat."""
+    count = math.prod(tensor.shape)   # exact: numpy's int64 product wraps around for a huge shape
+    dtype = DATATYPES[tensor.datatype]
+    if tensor.data is not None:
+        raise ProtocolError(f"input {tensor.name!r}: give either data or binary_data_size, not both")
+    if size != len(binary):
+        raise ProtocolError(f"input {tensor.name!r}: binary_data_size is {size} but {len(binary)} bytes follow the "
+                            "JSON header")
+    if size != count * dtype.itemsize:
+        raise ProtocolError(f"input {tensor.name!r}: {size} bytes is not {count} {tensor.datatype} values "
+                            f"(shape {tensor.shape}: {count * dtype.itemsize} bytes)")
+    return np.frombuffer(binary, dtype=dtype)
+
+
+def _json_values(tensor: RequestInput, binary: bytes) -> np.ndarray:
+    """The input's values from its `data`, a flat or nested list."""
+    if binary:
+        raise ProtocolError(f"{len(binary)} bytes follow the JSON header but no input has binary_data_size")
+    if tensor.data is None:
+        raise ProtocolError(f"input {tensor.name!r}: no data; "
+                            "give data, or binary_data_size with the bytes after the JSON")
+    try:
+        array = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
+    except (ValueError, TypeError, OverflowError):   # OverflowError: 300 as UINT8, 10**400 as FP32
+        raise ProtocolError(f"input {tensor.name!r}: data must be numbers ({tensor.datatype}), as a flat or nested "
+                            "list of equal-length rows") from None
+    count = math.prod(tensor.shape)   # exact, as above
+    if array.size != count:
+        raise ProtocolError(f"input {tensor.name!r}: {array.size} values in data, but shape {tensor.shape} needs "
+                            f"{count}")
+    return array
+
+
 def _shape_text(shape: tuple) -> str:
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
 
 
 # ---- writing a response --------------------------------------------------------------------------
 
-def wanted_outputs(request: InferenceRequest, available: list[str]) -> list[tuple[str, bool, int]]:
-    """(name, binary, class_count) for each output to send: those asked for, or all of them."""
+class WantedOutput(NamedTuple):
+    """An output to send, as the request asked for it."""
+    name: str
+    binary: bool          # its bytes after the JSON (the binary extension), else in its `data`
+    classification: int   # the classification extension: this many top classes as strings; 0, the values
+
+
+def wanted_outputs(request: InferenceRequest, available: list[str]) -> list[WantedOutput]:
+    """The outputs to send: those asked for, or all of them."""
     everything_binary = bool((request.parameters or {}).get("binary_data_output", False))
     if request.outputs is None:
-        return [(name, everything_binary, 0) for name in available]
+        return [WantedOutput(name, everything_binary, 0) for name in available]
     names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"outputs {names}: name each output once")
@@ -170,7 +187,7 @@ def wanted_outputs(request: InferenceRequest, available: list[str]) -> list[tupl
         count = parameters.get("classification", 0)
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ProtocolError(f"output {output.name!r}: classification must be a whole number of classes")
-        wanted.append((output.name, bool(parameters.get("binary_data", everything_binary)), count))
+        wanted.append(WantedOutput(output.name, bool(parameters.get("binary_data", everything_binary)), count))
     return wanted
 
 
@@ -183,6 +200,29 @@ def classification(values: np.ndarray, count: int, labels: list[str]) -> np.ndar
     order = np.argsort(-values, axis=1, kind="stable")[:, :count]
     return np.array([[f"{row[j]:f}:{j}:{labels[j]}" for j in top] for row, top in zip(values, order, strict=True)],
                     dtype=object)
+
+
+class Reply(NamedTuple):
+    """An HTTP reply: its body, Content-Type and the headers the protocol adds."""
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
+
+
+def inference_response(request: InferenceRequest, wanted: list[WantedOutput], values: dict[str, np.ndarray],
+                       labels: list[str], model_name: str, model_version: str) -> Reply:
+    """The reply to `request`: the `wanted` outputs of `values` (the model's outputs by name), the
+    classification extension applied where asked, as JSON, or as JSON followed by the binary tensors."""
+    outputs, tensors, binary = [], {}, {}
+    for name, as_binary, class_count in wanted:
+        tensor = classification(values[name], class_count, labels) if class_count else values[name]
+        outputs.append(ResponseOutput(name=name, shape=list(tensor.shape), datatype="BYTES" if class_count else "FP32"))
+        tensors[name], binary[name] = tensor, as_binary
+    response = InferenceResponse(model_name=model_name, model_version=model_version, id=request.id, outputs=outputs)
+    body, header_length = encode_response(response, tensors, binary)
+    if header_length is None:
+        return Reply(body, "application/json", {})
+    return Reply(body, "application/octet-stream", {BINARY_HEADER: str(header_length)})
 
 
 def encode_response(response: InferenceResponse, tensors: dict[str, np.ndarray],
