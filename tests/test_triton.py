@@ -3,6 +3,8 @@ protobuf, as tritonclient ships it) and against the ONNX file it was made from. 
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -155,3 +157,14 @@ def test_triton_without_onnx_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip() == "error: --triton writes a Triton model repository for the ONNX model: add --onnx"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_repository_writer_needs_neither_the_serve_extra_nor_torch():
+    """`fmnist export --triton` imports fmnist.serve.triton, and with it the package fmnist.serve: in a new
+    process where fastapi, starlette, uvicorn and prometheus_client cannot be imported, both import, torch not."""
+    code = ("import sys; sys.modules.update(dict.fromkeys(['fastapi', 'starlette', 'uvicorn', 'prometheus_client']))\n"
+            "import fmnist.serve.triton\n"
+            "print('torch' in sys.modules)")
+    reply = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert reply.returncode == 0, reply.stderr
+    assert reply.stdout.strip() == "False"

@@ -1,0 +1,157 @@
+"""What each route does, one short method per route over the model and its batcher, in the manner of KServe's
+V2Endpoints over its data plane: parse (fmnist.serve.protocol, or the multipart form), classify (the batcher,
+running fmnist.runtime's onnxruntime session), shape the reply. app.py maps the paths to these methods.
+
+The methods FastAPI calls return plain data, which it answers as JSON. They carry no return annotation: FastAPI
+would take one as a response model and check every reply against it.
+"""
+
+import base64
+import io
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from fmnist import __version__, runtime
+from fmnist.serve import protocol
+from fmnist.serve.batching import Batcher
+from fmnist.serve.metrics import Metrics
+from fmnist.serve.protocol import BINARY_HEADER, ProtocolError
+
+MODEL, VERSION = "fmnist", "1"   # the model's name and only version on the /v2 routes, as in a Triton repository
+
+# Limits, each with its reason. Past them a request gets a 4xx (or 503) that says which, never a dead server.
+# (The body's limit is Settings.max_body_mb, the queue's Settings.max_queue.)
+MAX_IMAGES = 4096           # images in one request: 4096 x 3 KiB of FP32 is 12 MiB, well within the body limit
+MAX_FILES = 64              # files in one /predict upload: each is decoded in full before it is shrunk to 28 x 28
+MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo decodes to ~120 MB of RGB):
+                            # a small PNG can claim billions, a decompression bomb; refused before decoding
+
+
+class Model:
+    """The onnxruntime session and what the routes need to know about it, loaded once per process."""
+
+    def __init__(self, onnx: str, threads: int) -> None:
+        self.session = runtime.session(onnx, threads=threads, spinning=False)
+        self.classes = runtime.class_names(self.session)
+        self.threshold = runtime.ood_threshold(self.session)
+        [image_input] = self.session.get_inputs()
+        self.input_name = image_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in image_input.shape)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.output_shapes = [[d if isinstance(d, int) else -1 for d in o.shape] for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(self.outputs, {self.input_name: images}))
+
+    def metadata(self) -> dict:
+        """The protocol's model metadata; `parameters` adds the class names and the out-of-distribution
+        threshold, which the protocol has no field for."""
+        tensor = lambda name, shape: {"name": name, "datatype": "FP32", "shape": shape}   # noqa: E731
+        parameters: dict[str, object] = {"classes": self.classes}
+        if self.threshold is not None:
+            parameters["ood_threshold"] = self.threshold
+        return {"name": MODEL, "versions": [VERSION], "platform": "onnxruntime_onnx",
+                "inputs": [tensor(self.input_name, list(self.input_shape))],
+                "outputs": [tensor(n, s) for n, s in zip(self.outputs, self.output_shapes, strict=True)],
+                "parameters": parameters}
+
+
+class Endpoints:
+    """The routes' work. The model and its batcher come from load(), which the app's lifespan calls when the
+    server starts: once per process, never per request."""
+
+    model: Model
+    batcher: Batcher
+
+    def __init__(self, metrics: Metrics, page: bytes) -> None:
+        self.metrics, self.page = metrics, page
+
+    def load(self, model: Model, batcher: Batcher) -> None:
+        self.model, self.batcher = model, batcher
+
+    # ---- the Open Inference Protocol (KServe v2) ------------------------------------------------------------
+
+    async def server_metadata(self):
+        return {"name": "fmnist", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
+
+    async def live(self):
+        return {"live": True}
+
+    async def ready(self):
+        return {"ready": hasattr(self, "model")}
+
+    async def model_metadata(self, name: str, version: str | None = None):
+        return self._model(name, version).metadata()
+
+    async def model_ready(self, name: str, version: str | None = None):
+        self._model(name, version)
+        return {"name": MODEL, "ready": True}
+
+    async def infer(self, request: Request) -> Response:
+        """A plain Starlette endpoint (see app.py): it reads its path parameters itself."""
+        model = self._model(request.path_params["name"], request.path_params.get("version"))
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']} is not supported; "
+                                     "send the body uncompressed")
+        inference, binary = protocol.parse_request(await request.body(), request.headers.get(BINARY_HEADER))
+        images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
+        if len(images) == 0:
+            raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
+        wanted = protocol.wanted_outputs(inference, model.outputs)
+        values = dict(zip(model.outputs, await self._classify(images), strict=True))
+        reply = protocol.inference_response(inference, wanted, values, model.classes, MODEL, VERSION)
+        return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
+
+    # ---- for people: /predict, the page, the metrics ----------------------------------------------------------
+
+    async def predict(self, request: Request, top: int = 3, invert: bool | None = None):
+        """Image files in, `fmnist predict --json`'s answer out, each with the 28 x 28 image the network saw."""
+        if not 1 <= top <= runtime.MAX_TOP:
+            raise ProtocolError(f"top={top}: must be 1 to {runtime.MAX_TOP}")
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+        uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
+        if not uploads:
+            raise ProtocolError("no image files: send them as multipart/form-data in the field `files`, e.g. "
+                                "curl -F files=@shirt.jpg http://127.0.0.1:8000/predict")
+        prepared = [await run_in_threadpool(runtime.load_image, upload.file, invert, upload.filename or "upload",
+                                            MAX_PIXELS) for upload in uploads]
+        outputs = await self._classify(np.concatenate([image.input for image in prepared]))
+        scores = outputs[1] if self.model.threshold is not None else None
+        results = runtime.predictions_from(outputs[0], scores, self.model.classes, self.model.threshold, top)
+        return [{"image": upload.filename, "negated": image.negated, "background": image.background, **result,
+                 "input": png_data_url(image.input)}
+                for upload, image, result in zip(uploads, prepared, results, strict=True)]
+
+    async def index(self):
+        return HTMLResponse(self.page)
+
+    async def prometheus(self):
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    # ---- shared by the routes --------------------------------------------------------------------------------
+
+    def _model(self, name: str, version: str | None) -> Model:
+        """The model a /v2 path names: 404 for any other name or version."""
+        if name != MODEL:
+            raise HTTPException(404, f"unknown model {name!r}: this server serves {MODEL!r}")
+        if version not in (None, VERSION):
+            raise HTTPException(404, f"model {MODEL!r} has no version {version!r}; it has {VERSION!r}")
+        return self.model
+
+    async def _classify(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        if len(images) > MAX_IMAGES:
+            raise ProtocolError(f"{len(images)} images in one request; send at most {MAX_IMAGES} per request")
+        return await self.batcher(images)
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """A model input (1, 1, 28, 28) in [0, 1] as a PNG data URL: what the network saw, for a page to show."""
+    buffer = io.BytesIO()
+    Image.fromarray((image[0, 0] * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,53 @@
+"""`fmnist serve`'s launcher: check the model, take the port, and run the app on uvicorn in `workers` processes.
+Each process builds its own app from the settings in FMNIST_SERVE (from_environment, uvicorn's factory)."""
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import uvicorn
+from fastapi import FastAPI
+
+from fmnist import FmnistError
+from fmnist.serve.app import Settings, create_app
+from fmnist.serve.endpoints import Model
+
+FACTORY = "fmnist.serve.launcher:from_environment"   # what each worker process imports and calls for its app
+
+
+def from_environment() -> FastAPI:
+    """The app for uvicorn's worker processes (`--workers`): settings from FMNIST_SERVE, set by `serve`."""
+    return create_app(Settings(**json.loads(os.environ["FMNIST_SERVE"])))
+
+
+def serve(settings: Settings, host: str, port: int, workers: int = 1,
+          on_start: Callable[[int], object] | None = None) -> None:
+    """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime.
+    Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on."""
+    Model(settings.onnx, settings.threads)   # fails with one line, before the server starts, if it cannot serve
+    port = _bindable(host, port)
+    if settings.threads == 0:
+        settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // workers))
+    os.environ["FMNIST_SERVE"] = json.dumps(asdict(settings))
+    with tempfile.TemporaryDirectory(prefix="fmnist-metrics-") as metrics_dir:
+        if workers > 1:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        if on_start:
+            on_start(port)
+        uvicorn.run(FACTORY, factory=True, host=host, port=port, workers=workers, log_level="warning",
+                    access_log=False, timeout_graceful_shutdown=5)
+
+
+def _bindable(host: str, port: int) -> int:
+    """The port, once we know it can be listened on; for port 0, the free port the system chose, which uvicorn
+    then binds."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise FmnistError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
+                from None
+        return probe.getsockname()[1]
