@@ -1,10 +1,11 @@
 """Serving (group `serve`): `fmnist serve` in its own process on loopback, under a closed-loop load from this one.
 
 The server runs fmnist.serve.serve, the code path of `fmnist serve` (the model checked, one uvicorn worker with
-uvloop and httptools, onnxruntime with one thread per core), with the benchmarks' no-op route turned on, which the
-command line does not offer. The client is this process: C keep-alive connections on one event loop (uvloop when
-installed), each sending its next request, pre-built HTTP/1.1 bytes, as soon as the previous one is answered.
-Client and server share the machine's cores: each row records both processes' CPU time per request.
+uvloop and httptools, onnxruntime with one thread per core), with the benchmarks' no-op route added to its app
+(bench/noop_route.py), which the command line does not offer. The client is this process: C keep-alive
+connections on one event loop (uvloop when installed), each sending its next request, pre-built HTTP/1.1 bytes,
+as soon as the previous one is answered. Client and server share the machine's cores: each row records both
+processes' CPU time per request.
 
 Rows: the v2 protocol with one image as JSON and as binary (Triton's binary tensor extension), binary batches of
 1024, /predict with one 280 x 280 JPEG, and the no-op route (the same JSON body read and {} answered: the HTTP
@@ -54,10 +55,12 @@ TIMEOUT_S = 120   # a round that takes longer fails: the server hangs or is far 
 # ---- the server --------------------------------------------------------------------------------------------
 
 class ServerProcess:
-    """fmnist.serve.serve(Settings(...)) in its own process on a free loopback port; its log in a file."""
+    """fmnist.serve.serve(Settings(...)) in its own process on a free loopback port, its app with the no-op route
+    (bench/noop_route.py); its log in a file."""
 
     CODE = ("import json, sys; from fmnist.serve import Settings, serve; "
-            "serve(Settings(**json.loads(sys.argv[1])), '127.0.0.1', int(sys.argv[2]))")
+            "serve(Settings(**json.loads(sys.argv[1])), '127.0.0.1', int(sys.argv[2]), "
+            "factory='bench.noop_route:app')")
 
     def __init__(self, onnx: Path, **settings):
         self.settings = settings
@@ -66,7 +69,7 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile(mode="w+")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", self.CODE, json.dumps({"onnx": str(onnx), "noop_route": True, **settings}),
+            [sys.executable, "-c", self.CODE, json.dumps({"onnx": str(onnx), **settings}),
              str(self.port)], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

@@ -43,7 +43,7 @@ def images(real_data):
 @contextlib.contextmanager
 def running(onnx, **settings):
     """create_app(Settings(...)) on a real uvicorn server in a thread of this process, on a free loopback port:
-    for settings the command line does not offer (a tiny queue, the benchmarks' no-op route)."""
+    for settings the command line does not offer (a tiny queue)."""
     import uvicorn
 
     from fmnist.serve import Settings, create_app

@@ -37,7 +37,6 @@ class Settings:
     max_queue: int = 16384      # images waiting for a run; past that, 503: bounded memory under overload
     max_body_mb: float = 32.0   # request body; past that, 413
     threads: int = 0            # onnxruntime's intra-op threads (0: one per core)
-    noop_route: bool = False    # POST /bench/noop, the benchmarks' bound: reads the body, answers {}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -54,10 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await batcher.close()
 
-    table = routes(endpoints)
-    if settings.noop_route:   # a plain Starlette route too: the bound is the HTTP stack alone
-        table.append(Route("/bench/noop", noop, methods=["POST"]))
-    return FastAPI(title="fmnist", version=__version__, routes=table,
+    return FastAPI(title="fmnist", version=__version__, routes=routes(endpoints),
                    exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                    middleware=[Middleware(CountRequests, metrics=metrics),   # the first is the outermost
                                Middleware(LimitBody, max_body=int(settings.max_body_mb * 2**20))],
@@ -82,11 +78,6 @@ def routes(endpoints: Endpoints) -> list[BaseRoute]:
         APIRoute("/", endpoints.index, methods=["GET"]),
         APIRoute("/metrics", endpoints.prometheus, methods=["GET"]),
     ]
-
-
-async def noop(request: Request) -> Response:
-    await request.body()
-    return Response(b"{}", media_type="application/json")
 
 
 # ---- errors: a JSON {"error": ...} that says what to fix, the v2 protocol's form, on every route --------------

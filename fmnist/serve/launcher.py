@@ -24,9 +24,11 @@ def from_environment() -> FastAPI:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int = 1,
-          on_start: Callable[[int], object] | None = None) -> None:
+          on_start: Callable[[int], object] | None = None, factory: str = FACTORY) -> None:
     """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime.
-    Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on."""
+    Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on. `factory`:
+    the import string ("module:function") of what makes each process's app, from_environment unless a benchmark
+    adds routes of its own."""
     Model(settings.onnx, settings.threads)   # fails with one line, before the server starts, if it cannot serve
     port = _bindable(host, port)
     if settings.threads == 0:
@@ -37,7 +39,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         if on_start:
             on_start(port)
-        uvicorn.run(FACTORY, factory=True, host=host, port=port, workers=workers, log_level="warning",
+        uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level="warning",
                     access_log=False, timeout_graceful_shutdown=5)
 
 
