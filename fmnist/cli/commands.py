@@ -222,8 +222,9 @@ def serve_command(
 ) -> None:
     """Answer requests over HTTP with onnxruntime (no torch): the KServe v2 / Triton protocol at /v2, image
     files at /predict, a page for people at /, Prometheus metrics at /metrics."""
-    try:
-        from fmnist import serve
+    try:   # the serve extra's packages are imported here: without one, the line below names the extra
+        from fmnist.serve.app import Settings
+        from fmnist.serve.launcher import serve
     except ImportError as e:
         raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
     for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1)):
@@ -233,9 +234,8 @@ def serve_command(
         raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
     if max_delay_ms < 0 or max_body_mb <= 0:
         raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
-    settings = serve.Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms,
-                               max_body_mb=max_body_mb)
-    serve.serve(settings, host, port, workers, on_start=console.serving(onnx, host))
+    settings = Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb)
+    serve(settings, host, port, workers, on_start=console.serving(onnx, host))
     console.say("stopped")
 
 
