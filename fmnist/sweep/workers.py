@@ -148,8 +148,9 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, placem
     config = trial_config(params, sweep.fixed, str(out), device=placement.device, compile=placement.compile,
                           amp=placement.amp, data_dir=placement.data_dir)
     resume = (out / "fmnist.pt").is_file()
-    if resume:
-        _check_same_run(load_checkpoint(out / "fmnist.pt")["config"], config, out)
+    saved = load_checkpoint(out / "fmnist.pt", resume=True) if resume else None   # read once, for both
+    if saved is not None:
+        _check_same_run(saved["config"], config, out)
     lines = TrialReporter(trial, folder, say)
     report: Reporter = lines
     if placement.tensorboard:
@@ -159,7 +160,7 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, placem
     say(f"{folder}: {'resumed' if resume else 'started'} (trial {trial.number})")
     with Heartbeat(study, trial):
         try:
-            history = train(config, report, resume=resume)
+            history = train(config, report, resume=resume, checkpoint=saved)
         except optuna.TrialPruned:
             _record(trial, lines.history)
             study.tell(trial, state=TrialState.PRUNED)
