@@ -227,13 +227,6 @@ def serve_command(
         from fmnist.serve.launcher import serve
     except ImportError as e:
         raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
-    for name, value, least in (("--workers", workers, 1), ("--max-batch", max_batch, 1)):
-        if value < least:
-            raise FmnistError(f"{name} {value}: must be {least} or more")
-    if not 0 <= port <= 65535:
-        raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
-    if max_delay_ms < 0 or max_body_mb <= 0:
-        raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
     settings = Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb)
     serve(settings, host, port, workers, on_start=console.serving(onnx, host))
     console.say("stopped")

@@ -29,6 +29,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
     Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on. `factory`:
     the import string ("module:function") of what makes each process's app, from_environment unless a benchmark
     adds routes of its own."""
+    _check(settings, port, workers)
     Model(settings.onnx, settings.threads)   # fails with one line, before the server starts, if it cannot serve
     port = _bindable(host, port)
     if settings.threads == 0:
@@ -41,6 +42,17 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
             on_start(port)
         uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level="warning",
                     access_log=False, timeout_graceful_shutdown=5)
+
+
+def _check(settings: Settings, port: int, workers: int) -> None:
+    """Each number `fmnist serve` was given, in range, in the words of its options."""
+    for name, value, least in (("--workers", workers, 1), ("--max-batch", settings.max_batch, 1)):
+        if value < least:
+            raise FmnistError(f"{name} {value}: must be {least} or more")
+    if not 0 <= port <= 65535:
+        raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
+    if settings.max_delay_ms < 0 or settings.max_body_mb <= 0:
+        raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
 
 
 def _bindable(host: str, port: int) -> int:
