@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -358,3 +359,19 @@ def test_a_worker_elsewhere_that_stops_beating_is_released_on_postgresql(tmp_pat
     folder = plans.folder_name(params)
     again = [t for t in study.get_trials() if t.state.name == "WAITING" and t.user_attrs["folder"] == folder]
     assert [t.params for t in again] == [params]   # the same point again, into the same folder
+
+
+def test_a_trial_taken_an_instant_ago_is_not_taken_for_dead(tmp_path):
+    """Between a worker claiming a trial and writing its own name on it, another worker's look for dead workers
+    must leave it alone: queued again, its folder would be handed out twice."""
+    plan = plans.make_sweep({"lr": [0.01, 0.001]}, None, False)
+    studies.quiet_optuna()
+    study = studies.open_study(studies.open_storage(None, tmp_path), "instant", plan)
+    taken = workers.next_trial(study, plan)   # RUNNING, with its folder, its worker not yet written
+    assert taken is not None and "worker" not in taken.user_attrs
+    workers.release_stale(study)
+    assert Counter(t.state.name for t in study.get_trials()) == Counter({"RUNNING": 1, "WAITING": 1})
+    taken.set_user_attr("worker", f"{socket.gethostname()}:{2**22 + 12345}")   # a process that is not there
+    workers.release_stale(study)   # now it is dead: failed, and its point queued again, in the same folder
+    states = Counter(t.state.name for t in study.get_trials())
+    assert states == Counter({"FAIL": 1, "WAITING": 2})

@@ -93,3 +93,37 @@ def test_moving_average_is_averaged_models_ema_with_its_state_dict():
         average.update_parameters(model)
     assert same(resumed.state_dict(), reference.state_dict()) and same(back.state_dict(), reference.state_dict())
     assert same(ours.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_schedule_is_planned_over_the_whole_run_not_one_epoch(schedule):
+    """Stepped once a batch, the step size follows one curve over all the run's steps: down to about 0 only at
+    the run's end (cosine from its peak, one-cycle after rising to it), never back up midway."""
+    from fmnist.train import TrainingState, recipe
+
+    config = recipe("tuned", schedule=schedule, epochs=4, lr=0.01, device="cpu")
+    state = TrainingState(config, torch.device("cpu"), steps_per_epoch=25)
+    rates = []
+    for _ in range(4 * 25):
+        rates.append(state.optimizer.param_groups[0]["lr"])
+        state.optimizer.step()
+        state.scheduler.step()
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(0.01, rel=0.01)
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:], strict=False))   # falls, once it falls
+    assert rates[-1] < 0.0002 and rates[25] > 0.003 and rates[50] > 0.001   # still well up after epochs 1 and 2
+
+
+def test_an_ema_runs_checkpoint_holds_the_weights_whose_accuracy_its_metrics_record(tmp_path, real_data):
+    """With --ema, the moving average is what is evaluated, and so what fmnist.pt's "model" must hold (the raw
+    weights are kept apart, under "training", for --resume)."""
+    from fmnist.checkpoint import load_network
+    from fmnist.train import recipe, train
+
+    history = train(recipe("tuned", epochs=2, batch_size=1000, ema=0.9, device="cpu", out=str(tmp_path)))
+    images, labels = data.to_tensors(data.load("test"), "cpu")
+    _, accuracy = evaluate(load_network(tmp_path / "fmnist.pt"), images, labels)
+    assert abs(accuracy - history[-1]["test_accuracy"]) <= 2e-4   # the same weights (2 images: float noise)
+    saved = torch.load(tmp_path / "fmnist.pt", weights_only=True)
+    raw = saved["training"]["model"]
+    assert any(not torch.equal(saved["model"][k], raw[k]) for k in saved["model"])   # the average is not the raw
