@@ -71,7 +71,7 @@ def test_torch_compiled(benchmark, model, compiled, test_split, batch_size):
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_onnxruntime(benchmark, model, ort_session, test_split, batch_size):
     images = batch_of(test_split, batch_size)
-    check_and_time(benchmark, lambda: runtime.logits(ort_session, images, batch_size), model, images,
+    check_and_time(benchmark, lambda: runtime.run(ort_session, images, batch_size)[0], model, images,
                    path="onnxruntime", device="cpu")
 
 

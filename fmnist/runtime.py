@@ -59,12 +59,6 @@ def run(sess: "ort.InferenceSession", images: np.ndarray,
     return np.concatenate([r[0] for r in results]), scores
 
 
-def logits(sess: "ort.InferenceSession", images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Logits (N, 10) alone. Asking onnxruntime for them alone saves nothing: it still computes the whole graph,
-    ood_score included (measured: a model with the score runs as fast either way)."""
-    return run(sess, images, batch_size)[0]
-
-
 def ood_threshold(sess: "ort.InferenceSession") -> float | None:
     """The ood_score above which an image is not a Fashion-MNIST item (stored at export), or None for a model
     that cannot tell."""

@@ -234,6 +234,8 @@ BAD_REQUESTS = {   # id: (path, body, headers, status, words the error must cont
     "not an image": ("/predict", *multipart([("notes.txt", b"just some words")]), 400, "notes.txt: cannot read"),
     "truncated JPEG": ("/predict", *multipart([("cut.jpg", truncated_jpeg())]), 400, "cut.jpg: cannot read"),
     "decompression bomb": ("/predict", *multipart([("bomb.png", bomb_png())]), 400, "bomb.png: 10000 x 5000"),
+    "65 files in one upload": ("/predict", *multipart([(f"{i}.jpg", jpeg(1)) for i in range(65)]), 400,
+                               "Maximum number of files is 64"),
     "top 0": ("/predict?top=0", *multipart([("p.jpg", jpeg(1))]), 400, "top=0"),
     "top not a number": ("/predict?top=many", *multipart([("p.jpg", jpeg(1))]), 400, "top"),
     "not multipart": ("/predict", b"hello", {"Content-Type": "text/plain"}, 400, "multipart/form-data"),
@@ -279,7 +281,7 @@ def test_a_chunked_body_over_the_limit_is_stopped_while_it_is_read(small_server)
 def test_a_client_that_disconnects_mid_request_or_mid_batch_harms_no_other(exported, images):
     """Requests wait up to 300 ms for each other (one batch); two clients vanish, one before its body is
     complete and one while its batch is waiting: the others get their own logits, and the server goes on."""
-    expected = runtime.logits(runtime.session(exported[0]), images[:8])
+    expected = runtime.run(runtime.session(exported[0]), images[:8])[0]
     with running(exported[0], max_batch=64, max_delay_ms=300) as url:
         port = int(url.rsplit(":", 1)[1])
         half = socket.create_connection(("127.0.0.1", port))
