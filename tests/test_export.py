@@ -215,3 +215,31 @@ def test_missing_model_is_a_clear_error(args, message, real_data, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     result = run_cli(*args)
     assert result.exit_code == 1 and result.stderr.startswith(message) and "Traceback" not in result.output
+
+
+def test_logits_that_onnxruntime_gets_wrong_by_more_than_the_tolerance_are_refused(trained, tmp_path):
+    """export.verify against torch: the exported file with its last layer's bias moved by 2e-3 (no predicted
+    class changes, the logits are off by 2e-3, over the 1e-4 tolerance) is refused; moved by 2e-5, kept."""
+    from onnx import numpy_helper
+
+    from fmnist import ood, runtime
+    from fmnist.checkpoint import load_network
+
+    train, test = data.load("train"), data.load("test")
+    detector, threshold = ood.fit(load_network(trained[0] / "fmnist.pt"),
+                                  runtime.to_model_input(train.images[:3000]), train.labels[:3000])
+    proto = export.to_onnx(detector, threshold)
+    [bias] = [i for i in proto.graph.initializer if i.name.endswith("out.bias")]
+    original = numpy_helper.to_array(bias).copy()
+    path = tmp_path / "m.onnx"
+
+    def shifted(shift: float) -> Path:
+        bias.CopyFrom(numpy_helper.from_array(original + np.float32(shift), bias.name))
+        onnx.save(proto, path)
+        return path
+
+    verification = export.verify(shifted(2e-5), detector, test, threshold)   # float noise: kept
+    assert max(verification.max_abs_diff.values()) == pytest.approx(2e-5, rel=0.2)
+    with pytest.raises(FmnistError, match=r"onnxruntime disagrees with torch at batch size 1 \(max abs "
+                                          r"difference 2\.0\de-03, tolerance 1e-04\)"):
+        export.verify(shifted(2e-3), detector, test, threshold)

@@ -72,3 +72,23 @@ def test_a_sweep_on_a_full_disk_is_one_line(disk, real_data):
     study = optuna.load_study(study_name="sweep", storage=open_storage(None, disk / "sweep"))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["lr"] for t in complete) == [0.003, 0.01]
+
+
+def test_a_file_replaced_on_a_nearly_full_disk_is_whole_old_or_whole_new(disk):
+    """The last step of every write: the new file, complete under its temporary name, takes the old one's place.
+    A rename needs no room; a copy over the old file would truncate it first and then run out of room part
+    way, losing both."""
+    from fmnist.files import WriteError, atomic_path
+
+    target = disk / "fmnist.pt"
+    old, new = b"o" * 256 * 1024, b"n" * 1024 * 1024
+    target.write_bytes(old)
+    fill(disk, leave=len(new) + 64 * 1024)   # room for the new file once, not for a second copy of it
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(new)
+    except WriteError:
+        pass
+    assert target.read_bytes() in (old, new)
+    assert target.read_bytes() == new   # and here, where the rename had room to do nothing, the new one
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "fmnist.pt"]   # no temporary file left
