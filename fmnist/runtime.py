@@ -199,7 +199,12 @@ def predict_file(sess: "ort.InferenceSession", path: str | Path, invert: bool | 
     (load_image), its k most probable classes, and whether it looks like a Fashion-MNIST item."""
     prepared = load_image(path, invert)
     [prediction] = predictions(sess, prepared.input, k)
-    return {"image": str(path), "negated": prepared.negated, "background": prepared.background, **prediction}
+    return answer(str(path), prepared, prediction)
+
+
+def answer(name: str, prepared: Prepared, prediction: dict) -> dict:
+    """One image's answer, as `fmnist predict --json` and the server's /predict give it."""
+    return {"image": name, "negated": prepared.negated, "background": prepared.background, **prediction}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -123,8 +123,7 @@ class Endpoints:
         outputs = await self._classify(np.concatenate([image.input for image in prepared]))
         scores = outputs[1] if self.model.threshold is not None else None
         results = runtime.predictions_from(outputs[0], scores, self.model.classes, self.model.threshold, top)
-        return [{"image": upload.filename, "negated": image.negated, "background": image.background, **result,
-                 "input": png_data_url(image.input)}
+        return [{**runtime.answer(upload.filename or "upload", image, result), "input": png_data_url(image.input)}
                 for upload, image, result in zip(uploads, prepared, results, strict=True)]
 
     async def index(self):
