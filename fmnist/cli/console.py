@@ -81,9 +81,9 @@ class TrainingReporter:
     def epoch_end(self, row: dict) -> None:
         self.stop()
         if not self.trained:   # the first epoch of this command: the columns' names, once
-            out.print(epoch_line(EPOCH_COLUMNS), highlight=False, soft_wrap=True)
+            say(epoch_line(EPOCH_COLUMNS))
         self.trained += 1
-        out.print(epoch_line(epoch_cells(row, self.epochs)), highlight=False, soft_wrap=True)
+        say(epoch_line(epoch_cells(row, self.epochs)))
 
 
 # An epoch's line, under a header printed once: within 80 columns at any epoch count and speed (1,000,000 samples/s)
