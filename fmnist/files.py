@@ -62,7 +62,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as e:
         raise WriteError(f"{path}: cannot write it ({e.strerror or e}); anything already there is kept") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink()
+        except OSError:   # not there (renamed, or never made), or its folder is read-only or not a folder
+            pass
 
 
 LOCK = ".fmnist.lock"
