@@ -84,8 +84,10 @@ def next_trial(study: "optuna.Study", sweep: Sweep) -> "optuna.Trial | None":
             return taken
     if sweep.is_search:
         assert sweep.trials is not None   # make_sweep refuses a search without --trials
-        started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        started = [t for t in started if "retry_of" not in t.system_attrs]   # a resumed trial counts once
+        # A trial stopped and queued again counts once: of it and its retries, all but the last have FAILed (and
+        # a queued retry counts too, though another worker may have put it there after the look above).
+        started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                                           TrialState.WAITING))
         if len(started) < sweep.trials:
             return study.ask()
     return None
