@@ -137,8 +137,8 @@ def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: s
     negate = light if invert is None else invert
     if gray.shape != (28, 28):
         gray = _fashion_mnist_geometry(gray)
-    pixels = 255 - gray if negate else gray
-    model_input = to_model_input(np.clip(pixels, 0, 255).round().astype(np.uint8)[None])
+    pixels = 255 - gray if negate else gray   # levels 0..255, as _decode gives them
+    model_input = to_model_input(pixels.round().astype(np.uint8)[None])
     return Prepared(model_input, negate, ("light" if light else "dark") if plain else "mixed")
 
 
@@ -163,11 +163,11 @@ def _decode(path, invert: bool | None, name: str, max_pixels: int | None) -> np.
         reason = ("not an image file PIL can decode" if isinstance(e, UnidentifiedImageError)
                   else getattr(e, "strerror", None) or str(e))
         raise FmnistError(f"{name}: cannot read this image ({reason})") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (0, 0, 0, 255) if invert is False else (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        gray = np.asarray(image, dtype=np.float64) * (255 / 65535)   # 16-bit: 0..65535
+    if image.mode.startswith("I;16"):                                # I;16, I;16B (big-endian)...
+        gray = np.asarray(image) * (255 / 65535)                     # 16-bit: 0..65535
     elif image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)                 # 32-bit: their own range
         low, high = float(values.min()), float(values.max())
@@ -187,7 +187,7 @@ def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:
         gray = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = gray.shape
     size = (max(1, round(28 * w / max(h, w))), max(1, round(28 * h / max(h, w))))
-    small = Image.fromarray(np.clip(gray, 0, 255).round().astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    small = Image.fromarray(gray.round().astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     small = small.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))   # Gaussian, radius 1
     canvas = Image.new("L", (28, 28), int(round(corner)))
     canvas.paste(small, ((28 - size[0]) // 2, (28 - size[1]) // 2))
