@@ -77,3 +77,118 @@ def test_the_queue_never_holds_more_than_its_bound_its_own_images_counted():
 
     asyncio.run(main())
     assert model.sizes == [1, 8]
+
+
+class Recording:
+    """A model that answers at once and records each run's size; fails a run that holds image number 666."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.sizes.append(len(batch))
+        numbers = batch[:, 0, 0, 0]
+        if 666 in numbers:
+            raise MemoryError("the model ran out of memory")
+        return numbers[:, None].repeat(10, axis=1), numbers * 10
+
+
+def run(main, seconds: float = 10):
+    """asyncio.run with a bound: a batcher that waits where it should not fails the test instead of hanging."""
+    return asyncio.run(asyncio.wait_for(main(), seconds))
+
+
+def test_requests_within_max_delay_of_the_first_share_its_run():
+    model, waits = Recording(), []
+
+    async def main():
+        batcher = Batcher(model, max_batch=256, max_delay=0.5, max_queue=1000,
+                          observe=lambda size, queued: waits.append((size, queued)))
+        first = asyncio.ensure_future(batcher(images(0, 1)))
+        await asyncio.sleep(0.1)                      # within the first's 0.5 s
+        second = await batcher(images(1, 2))
+        await first
+        await batcher.close()
+        return second
+
+    logits, scores = run(main)
+    assert model.sizes == [3]
+    np.testing.assert_array_equal(scores, [10, 20])
+    (size, queued), = waits
+    assert size == 3 and len(queued) == 2 and queued[0] >= 0.4 and 0 < queued[1] < queued[0]
+
+
+def test_a_full_batch_runs_without_waiting_out_the_delay_and_a_lone_request_runs_at_its_deadline():
+    model = Recording()
+
+    async def main():
+        batcher = Batcher(model, max_batch=4, max_delay=60, max_queue=1000)
+        await asyncio.gather(batcher(images(0, 1)), batcher(images(1, 3)))   # 4 of 4: no need to wait 60 s
+        first = asyncio.ensure_future(batcher(images(4, 1)))                # 1 of 4: it waits for more...
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, batcher(images(5, 3)))                  # ...until 3 more fill the run
+        quick = Batcher(model, max_batch=4, max_delay=0.05, max_queue=1000)
+        await quick(images(8, 1))                                            # alone: runs after 0.05 s
+        await batcher.close()
+        await quick.close()
+
+    run(main)
+    assert model.sizes == [4, 4, 1]
+
+
+@pytest.mark.parametrize("sizes, runs", [((3, 2, 6, 1), [3, 2, 6, 1]),   # 3 + 2 > 4; 6 alone; 1 after
+                                         ((2, 2, 2), [4, 2])])             # 2 + 2 = 4, then the third
+def test_runs_hold_at_most_max_batch_images_but_a_bigger_request_runs_whole(sizes, runs):
+    model = Recording()
+
+    async def main():
+        batcher = Batcher(model, max_batch=4, max_delay=0.2, max_queue=1000)
+        answers = await asyncio.gather(*(batcher(images(10 * i, n)) for i, n in enumerate(sizes)))
+        await batcher.close()
+        return answers
+
+    answers = run(main)
+    assert model.sizes == runs
+    for i, (n, (logits, scores)) in enumerate(zip(sizes, answers, strict=True)):
+        np.testing.assert_array_equal(scores, np.arange(10 * i, 10 * i + n) * 10)
+        assert logits.shape == (n, 10)
+
+
+def test_a_request_whose_client_went_away_is_not_run_and_the_queue_forgets_it():
+    model = Model()
+
+    async def main():
+        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000)
+        running = asyncio.ensure_future(batcher(images(0, 1)))   # holds the run up
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher(images(1, 5)))
+        stays = asyncio.ensure_future(batcher(images(6, 2)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        model.go.set()
+        await running
+        logits, scores = await stays
+        assert batcher.queued == 0
+        await batcher.close()
+        return scores
+
+    np.testing.assert_array_equal(run(main), [60, 70])
+    assert model.sizes == [1, 2]
+
+
+def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers():
+    model = Recording()
+
+    async def main():
+        batcher = Batcher(model, max_batch=256, max_delay=0.2, max_queue=1000)
+        together = await asyncio.gather(batcher(images(665, 2)), batcher(images(1, 1)), return_exceptions=True)
+        after = await batcher(images(2, 1))
+        await batcher.close()
+        assert batcher.task.cancelled()
+        return together, after
+
+    (first, second), (_, scores) = run(main)
+    assert isinstance(first, MemoryError) and isinstance(second, MemoryError)   # both shared the failed run
+    assert str(first) == "the model ran out of memory"
+    np.testing.assert_array_equal(scores, [20])
+    assert model.sizes == [3, 1]
