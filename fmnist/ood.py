@@ -82,34 +82,34 @@ def per_class_distances(h: torch.Tensor, means: torch.Tensor, whiten: torch.Tens
 
 # ---- fitting, at export --------------------------------------------------------------------------
 
-@torch.inference_mode()
 def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detector, float]:
     """The Detector fitted to the training images (float32 (N, 1, 28, 28) in [0, 1]) and their labels, and the
     threshold: the score that KEEP of these images are at or under."""
-    network = network.eval()
-    x = torch.from_numpy(images)
-    pixels = images.reshape(len(images), -1).astype(np.float64)
-    conv = torch.cat([network.convolutions(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]).double().numpy()
-    classes = np.unique(labels)
+    with torch.inference_mode():   # no autograd records: the fit only reads the Network
+        network = network.eval()
+        x = torch.from_numpy(images)
+        pixels = images.reshape(len(images), -1).astype(np.float64)
+        conv = torch.cat([network.convolutions(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]).double().numpy()
+        classes = np.unique(labels)
 
-    pixel_means = np.stack([pixels[labels == c].mean(0) for c in classes])
-    pixel_whiten = whitening(shared_covariance(pixels, labels, pixel_means), PIXEL_RIDGE)
-    conv_means = np.stack([conv[labels == c].mean(0) for c in classes])
-    covariances = [np.cov(conv[labels == c].T, bias=True) for c in classes]
-    conv_whiten = np.stack([whitening(cov, CONV_RIDGE) for cov in covariances])
-    conv_logdet = np.array([np.linalg.slogdet(regularised(cov, CONV_RIDGE))[1] for cov in covariances])
-    fitted = dict(pixel_means=pixel_means, pixel_whiten=pixel_whiten, pixel_scale=np.array([0.0, 1.0]),
-                  conv_means=conv_means, conv_whiten=conv_whiten, conv_logdet=conv_logdet,
-                  conv_scale=np.array([0.0, 1.0]))
-    detector = Detector(network, fitted).eval()
+        pixel_means = np.stack([pixels[labels == c].mean(0) for c in classes])
+        pixel_whiten = whitening(shared_covariance(pixels, labels, pixel_means), PIXEL_RIDGE)
+        conv_means = np.stack([conv[labels == c].mean(0) for c in classes])
+        covariances = [np.cov(conv[labels == c].T, bias=True) for c in classes]
+        conv_whiten = np.stack([whitening(cov, CONV_RIDGE) for cov in covariances])
+        conv_logdet = np.array([np.linalg.slogdet(regularised(cov, CONV_RIDGE))[1] for cov in covariances])
+        fitted = dict(pixel_means=pixel_means, pixel_whiten=pixel_whiten, pixel_scale=np.array([0.0, 1.0]),
+                      conv_means=conv_means, conv_whiten=conv_whiten, conv_logdet=conv_logdet,
+                      conv_scale=np.array([0.0, 1.0]))
+        detector = Detector(network, fitted).eval()
 
-    # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
-    pixel_part, conv_part = (torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
-                                                        for i in range(0, len(x), BATCH)), strict=True))
-    for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
-        median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
-        getattr(detector, name).copy_(torch.tensor([median, high - median]))
-    return detector, float(np.quantile(detector.score(pixel_part, conv_part).double().numpy(), KEEP))
+        # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
+        pixel_part, conv_part = (torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
+                                                            for i in range(0, len(x), BATCH)), strict=True))
+        for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
+            median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
+            getattr(detector, name).copy_(torch.tensor([median, high - median]))
+        return detector, float(np.quantile(detector.score(pixel_part, conv_part).double().numpy(), KEEP))
 
 
 def shared_covariance(x: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:

@@ -257,16 +257,16 @@ class MovingAverage(torch.optim.swa_utils.AveragedModel):
         self.decay = decay
         self.updates = 0
 
-    @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
         averaged: list[torch.Tensor] = list(self.module.parameters())
         current: list[torch.Tensor] = list(model.parameters())
-        if self.updates == 0:
-            torch._foreach_copy_(averaged, current)
-        else:
-            torch._foreach_lerp_(averaged, current, 1 - self.decay)   # get_ema_multi_avg_fn's own op
-        for kept, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            kept.copy_(buffer)   # buffers are not averaged: they follow the model, as in AveragedModel
+        with torch.no_grad():
+            if self.updates == 0:
+                torch._foreach_copy_(averaged, current)
+            else:
+                torch._foreach_lerp_(averaged, current, 1 - self.decay)   # get_ema_multi_avg_fn's own op
+            for kept, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+                kept.copy_(buffer)   # buffers are not averaged: they follow the model, as in AveragedModel
         self.updates += 1
         self.n_averaged.fill_(self.updates)
 
@@ -373,11 +373,11 @@ def autocast_dtype(amp: bool, device: torch.device, report: Reporter = SILENT) -
 
 # ---- evaluation ----------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def infer(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     """Logits (N, 10) for images (N, 1, 28, 28), in eval mode; batched to bound the memory of conv1's output."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
