@@ -107,11 +107,13 @@ def test_on_cpu_keeps_the_structure_and_every_value(tmp_path):
     assert on_cpu(t).device.type == "cpu" and on_cpu("plain") == "plain"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cpu_moves_cuda_tensors_to_the_cpu():
-    t = torch.arange(3, device="cuda")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_on_cpu_moves_device_tensors_to_the_cpu(device):
+    t = torch.arange(3, device=device)
     moved = on_cpu({"a": [t, (t,)], "b": t})
     assert [moved["a"][0].device.type, moved["a"][1][0].device.type, moved["b"].device.type] == ["cpu"] * 3
+    assert equal(moved, {"a": [t.cpu(), (t.cpu(),)], "b": t.cpu()})
 
 
 def test_metrics_are_one_json_object_per_epoch_rewritten_whole(tmp_path):

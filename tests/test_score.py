@@ -12,7 +12,7 @@ from fmnist.model import Network
 COUNT = 2_500   # more than one of fit's batches of 2,000, so that its batching is checked too
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture   # each test fits its own: mutmut counts a fixture's calls for the first test that uses it alone
 def fitted(real_data):
     torch.manual_seed(0)
     network = Network().eval()
