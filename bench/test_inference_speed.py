@@ -1,5 +1,6 @@
 """Inference throughput at batch 1, 64 and 1024: torch eager (the baseline), torch compiled, onnxruntime on
-the exported model, and torch on CUDA when present.
+the Network alone and on the whole exported model (with its ood_score, as `fmnist export` writes it: what
+predict, evaluate and serve run), and torch on CUDA when present.
 
 Before a path is timed, its logits on the batch are checked against eager torch on the CPU.
 """
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from bench.common import cuda_or_skip, new_network, record
-from fmnist import runtime
+from fmnist import ood, runtime
 from fmnist.export import to_onnx
 
 BATCH_SIZES = [1, 64, 1024]
@@ -33,6 +34,15 @@ def ort_session(model, tmp_path_factory):
     path.write_bytes(to_onnx(model).SerializeToString())
     # All cores, and no spinning: idle onnxruntime threads that spin slow torch in the same process
     # (onnxruntime issue 13808).
+    return runtime.session(path, threads=os.cpu_count(), spinning=False)
+
+
+@pytest.fixture(scope="module")
+def whole_session(model, train_split, tmp_path_factory):
+    """The whole exported model: the Network and its ood_score, fitted to the training images as export fits it."""
+    detector, threshold = ood.fit(model, runtime.to_model_input(train_split.images), train_split.labels)
+    path = tmp_path_factory.mktemp("onnx") / "whole.onnx"
+    path.write_bytes(to_onnx(detector, threshold).SerializeToString())
     return runtime.session(path, threads=os.cpu_count(), spinning=False)
 
 
@@ -73,6 +83,14 @@ def test_onnxruntime(benchmark, model, ort_session, test_split, batch_size):
     images = batch_of(test_split, batch_size)
     check_and_time(benchmark, lambda: runtime.run(ort_session, images, batch_size)[0], model, images,
                    path="onnxruntime", device="cpu")
+
+
+@pytest.mark.benchmark(group="inference")
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_onnxruntime_with_the_score(benchmark, model, whole_session, test_split, batch_size):
+    images = batch_of(test_split, batch_size)
+    check_and_time(benchmark, lambda: runtime.run(whole_session, images, batch_size)[0], model, images,
+                   path="onnxruntime, with ood_score", device="cpu")
 
 
 @pytest.mark.benchmark(group="inference")

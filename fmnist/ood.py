@@ -9,8 +9,13 @@ from the training images, in two places, each a Gaussian fitted to the 60,000 tr
   constant). It sees shapes made of the wrong strokes: handwritten digits, which look like a garment pixel
   by pixel.
 
+And a blank image (all black, all white: the commonest wrong input a page or a client sends) lies close to the
+faintest class means in both, so a third part flags it: the ink, the sum of the squared pixels. Every training
+image has some (the faintest 4.6, the median 149); the part is INK_BLANK for none, 0 at INK_SHARE of the
+faintest training image's, and below 0 above it, so that it flags only an image that is (nearly) blank.
+
 Each part is put on one scale (0 at its median on the training images, 1 at their 95th percentile), and the
-score is the larger of the two. The threshold is the score that keeps 95% of the training images; the test
+score is the largest of the three. The threshold is the score that keeps 95% of the training images; the test
 images then judge it. How this was chosen against the maximum softmax probability, the energy score and the
 Mahalanobis distance on fc2's 60 values (the penultimate layer): `python -m bench.ood`, figures in README.md.
 """
@@ -25,6 +30,8 @@ KEEP = 0.95             # the share of training images whose score is at or unde
 PIXEL_RIDGE = 1e-3      # added to the covariances' diagonals, times their mean variance: border pixels that
 CONV_RIDGE = 1e-2       # are always 0, and dead ReLUs, have none (measured: 1e-3..1e-2 flag the same sets)
 BATCH = 2000            # images per pass when fitting: bounds the memory of conv1's output
+INK_SHARE = 0.5         # an image with less ink than this share of the faintest training image's is blank...
+INK_BLANK = 10.0        # ...and one with none scores this: far over any threshold (about 1.3)
 
 
 class Detector(nn.Module):
@@ -39,6 +46,7 @@ class Detector(nn.Module):
     conv_whiten: torch.Tensor
     conv_logdet: torch.Tensor
     conv_scale: torch.Tensor
+    ink_limit: torch.Tensor
 
     def __init__(self, network: Network, fitted: dict[str, np.ndarray]):
         super().__init__()
@@ -48,12 +56,17 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pixels, conv = self.parts(images)
-        return logits, self.score(pixels, conv)
+        return logits, self.score(pixels, conv, self.blank(images))
 
-    def score(self, pixels: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
-        """The two parts, each put on the common scale, and the larger of the two."""
-        return torch.maximum((pixels - self.pixel_scale[0]) / self.pixel_scale[1],
-                             (conv - self.conv_scale[0]) / self.conv_scale[1])
+    def score(self, pixels: torch.Tensor, conv: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
+        """The two Gaussian parts, each put on the common scale, and the blank part: the largest of the three."""
+        return torch.maximum(torch.maximum((pixels - self.pixel_scale[0]) / self.pixel_scale[1],
+                                           (conv - self.conv_scale[0]) / self.conv_scale[1]), blank)
+
+    def blank(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) INK_BLANK for an image with no ink, 0 at ink_limit, falling below 0 above it."""
+        ink = (images * images).flatten(1).sum(1)
+        return INK_BLANK * (1 - ink / self.ink_limit)
 
     def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logits, and the two parts of the score, each on its own scale: (N, 10), (N,), (N,)."""
@@ -100,7 +113,7 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         conv_logdet = np.array([np.linalg.slogdet(regularised(cov, CONV_RIDGE))[1] for cov in covariances])
         fitted = dict(pixel_means=pixel_means, pixel_whiten=pixel_whiten, pixel_scale=np.array([0.0, 1.0]),
                       conv_means=conv_means, conv_whiten=conv_whiten, conv_logdet=conv_logdet,
-                      conv_scale=np.array([0.0, 1.0]))
+                      conv_scale=np.array([0.0, 1.0]), ink_limit=INK_SHARE * (pixels ** 2).sum(1).min(keepdims=True))
         detector = Detector(network, fitted).eval()
 
         # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
@@ -109,7 +122,8 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
             median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
             getattr(detector, name).copy_(torch.tensor([median, high - median]))
-        return detector, float(np.quantile(detector.score(pixel_part, conv_part).double().numpy(), KEEP))
+        blank = detector.blank(x)
+        return detector, float(np.quantile(detector.score(pixel_part, conv_part, blank).double().numpy(), KEEP))
 
 
 def shared_covariance(x: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:

@@ -71,6 +71,34 @@ def test_images_that_are_not_garments_are_flagged(exported, tmp_path, name):
     assert all(len(row["top"]) == 3 for row in rows)          # the classes are still given
 
 
+BLANKS = {"black 28 x 28": ((28, 28), 0, "png"), "white 28 x 28": ((28, 28), 255, "png"),
+          "white 300 x 300 photo": ((300, 300), 255, "jpg"), "black 200 x 120": ((200, 120), 0, "png")}
+
+
+def test_blank_images_of_any_size_are_flagged(exported, tmp_path):
+    paths = []
+    for name, (size, level, kind) in BLANKS.items():
+        paths.append(tmp_path / f"{name}.{kind}")
+        Image.new("RGB", size, (level,) * 3).save(paths[-1])
+    rows = predict_json(paths, exported[0])
+    assert {row["image"]: row["out_of_distribution"] for row in rows} == {str(p): True for p in paths}
+    assert [row["ood_score"] for row in rows] == pytest.approx([ood.INK_BLANK] * len(paths), abs=1e-3)
+
+
+def test_a_v2_request_of_blank_images_is_flagged(server, exported):
+    import urllib.request
+
+    body = json.dumps({"inputs": [{"name": "images", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                                   "data": [0.0] * 784 + [0.5] * 784}]}).encode()
+    request = urllib.request.Request(server.url + "/v2/models/fmnist/infer", body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        outputs = {o["name"]: o["data"] for o in json.loads(reply.read())["outputs"]}
+    blank, grey = outputs["ood_score"]
+    assert blank == pytest.approx(ood.INK_BLANK, abs=1e-3) and blank > threshold_of(exported[0])
+    assert grey != pytest.approx(ood.INK_BLANK, abs=1)   # all 0.5 has ink: judged by the other parts
+
+
 def test_predict_says_it_in_plain_words(exported, tmp_path, real_data):
     garment, noise = tmp_path / "garment.png", tmp_path / "noise.png"
     Image.fromarray(data.load("test", download=False).images[0]).save(garment)

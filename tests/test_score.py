@@ -69,7 +69,7 @@ def test_each_part_is_put_on_one_scale_by_the_training_images_and_the_score_is_t
         assert np.quantile(scaled, 0.95) == pytest.approx(1, abs=1e-6)   # 1 at their 95th percentile
     expected = torch.maximum((pixels - detector.pixel_scale[0]) / detector.pixel_scale[1],
                              (conv - detector.conv_scale[0]) / detector.conv_scale[1])
-    torch.testing.assert_close(score, expected, rtol=0, atol=0)
+    torch.testing.assert_close(score, expected, rtol=0, atol=0)   # no training image is blank
     assert bool((score > (pixels - detector.pixel_scale[0]) / detector.pixel_scale[1]).any())   # each part
     assert bool((score > (conv - detector.conv_scale[0]) / detector.conv_scale[1]).any())       # wins somewhere
     # The threshold keeps KEEP of the training images: 95% of them at or under it.
@@ -82,7 +82,7 @@ def test_the_fitted_buffers_are_float32_class_means_and_log_determinants(fitted)
     px = x.reshape(len(x), -1).astype(np.float64)
     assert {name: tuple(buffer.shape) for name, buffer in detector.named_buffers()} == {
         "pixel_means": (10, 784), "pixel_whiten": (784, 784), "pixel_scale": (2,), "conv_means": (10, 192),
-        "conv_whiten": (10, 192, 192), "conv_logdet": (10,), "conv_scale": (2,)}
+        "conv_whiten": (10, 192, 192), "conv_logdet": (10,), "conv_scale": (2,), "ink_limit": (1,)}
     assert all(buffer.dtype == torch.float32 for buffer in detector.buffers())
     np.testing.assert_allclose(detector.pixel_means.numpy(), [px[y == c].mean(0) for c in range(10)], atol=1e-6)
     assert detector.network is network and not detector.training
@@ -117,3 +117,19 @@ def test_the_shared_covariance_is_around_each_rows_own_class_mean():
     means = np.stack([x[labels == c].mean(0) for c in (3, 7, 9)])
     centred = x - means[[0, 1, 0, 1, 1, 2]]
     np.testing.assert_allclose(ood.shared_covariance(x, labels, means), centred.T @ centred / 6)
+
+
+def test_a_blank_image_scores_ink_blank_and_an_inked_one_is_not_flagged_by_its_ink(fitted):
+    network, x, y, detector, threshold, images = fitted
+    ink = (x.astype(np.float64) ** 2).reshape(len(x), -1).sum(1)
+    assert float(detector.ink_limit) == pytest.approx(ood.INK_SHARE * ink.min(), rel=1e-6)
+    limit = float(detector.ink_limit)
+    at_limit = np.full((1, 1, 28, 28), np.sqrt(limit / 784), np.float32)        # exactly ink_limit of ink
+    half = np.full((1, 1, 28, 28), np.sqrt(limit / 2 / 784), np.float32)        # half of it
+    with torch.inference_mode():
+        blank = detector.blank(torch.from_numpy(np.concatenate([np.zeros_like(at_limit), half, at_limit, x])))
+        _, scores = detector(torch.zeros(3, 1, 28, 28))
+    np.testing.assert_allclose(blank[:3].numpy(), [ood.INK_BLANK, ood.INK_BLANK / 2, 0], atol=1e-4)
+    # The faintest training image has twice ink_limit: its ink part is -INK_BLANK, the others' lower.
+    assert float(blank[3:].max()) == pytest.approx(-ood.INK_BLANK, abs=1e-3)
+    assert scores.tolist() == [ood.INK_BLANK] * 3 and ood.INK_BLANK > threshold   # all black: flagged
