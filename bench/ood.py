@@ -5,7 +5,9 @@ of the training images.
     python -m bench.ood export/fmnist.pt [--count 300]      # prints a markdown table
 
 Every score is fitted to the 60,000 training images, as `fmnist export` fits the one it ships (fmnist.ood);
-the test images and the other sets only judge. The sets go through `fmnist predict`'s preparation.
+the test images and the other sets only judge. The sets go through `fmnist predict`'s preparation; the
+product photos are made in each of tests/images.py's PHOTO_VARIATIONS too, and the table says for each set
+of photos the share classified as the test image it shows is by the Network.
 """
 
 import argparse
@@ -17,13 +19,13 @@ import torch.nn.functional as F
 
 from fmnist import data, ood, runtime
 from fmnist.checkpoint import load_network
-from tests.images import NOT_GARMENTS, not_garments, product_photo
+from tests.images import NOT_GARMENTS, PHOTO_VARIATIONS, not_garments, product_photo
 
 
-def prepared(image, fmt="PNG") -> np.ndarray:
+def prepared(image, fmt="PNG", quality=90) -> np.ndarray:
     """An image as `fmnist predict` gives it to the model, through a file of that format."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     buffer.seek(0)
     return runtime.load_image(buffer).input[0]
 
@@ -32,6 +34,9 @@ def sets(count: int) -> dict[str, np.ndarray]:
     test = data.load("test")
     made = {"test images": runtime.to_model_input(test.images),
             "product photos": np.stack([prepared(product_photo(test.images[i]), "JPEG") for i in range(count)])}
+    for name, options in PHOTO_VARIATIONS.items():
+        made[f"photos, {name}"] = np.stack([prepared(product_photo(test.images[i], **options), "JPEG",
+                                                     options.get("quality", 90)) for i in range(count)])
     for name in NOT_GARMENTS:
         made[name] = np.stack([prepared(image) for image in not_garments(name, count, seed=1)])
     return made
@@ -66,7 +71,7 @@ def scorers(network, train: data.Split) -> dict:
             lambda b: ood.squared_distances(penultimate(b), means, whiten).min(1).values.numpy()),
         "Mahalanobis, pixels": batched(lambda b: detector.parts(torch.from_numpy(b))[1].numpy()),
         "Gaussians per class, conv2": batched(lambda b: detector.parts(torch.from_numpy(b))[2].numpy()),
-        "fmnist: pixels and conv2": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
+        "fmnist: pixels, conv2, ink": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
     }
 
 
@@ -91,16 +96,20 @@ def main() -> None:
     scores = {name: {s: score(images) for s, images in made.items()} for name, score in methods.items()}
     print(f"{args.checkpoint}: share flagged at the threshold keeping {ood.KEEP:.0%} of the training images, "
           f"and AUROC against the test images\n")
-    print("| set | " + " | ".join(methods) + " |")
-    print("| --- |" + " ---: |" * len(methods))
+    with torch.inference_mode():
+        classes = {s: network(torch.from_numpy(images[:args.count])).argmax(1).numpy() for s, images in made.items()}
+    print("| set | " + " | ".join(methods) + " | same class |")
+    print("| --- |" + " ---: |" * (len(methods) + 1))
     for s in made:
+        photos = s == "product photos" or s.startswith("photos, ")
+        same = f"{(classes[s] == classes['test images']).mean():.1%}" if photos else ""
         cells = []
         for name in methods:
             value = scores[name][s]
             flagged = f"{(value > thresholds[name]).mean():.1%}"
             cells.append(flagged if s == "test images"
                          else f"{flagged} ({auroc(scores[name]['test images'], value):.3f})")
-        print(f"| {s} | " + " | ".join(cells) + " |")
+        print(f"| {s} | " + " | ".join(cells) + f" | {same} |")
 
 
 if __name__ == "__main__":

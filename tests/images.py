@@ -8,15 +8,25 @@ would be; the tests save them and run them through `fmnist predict`'s preparatio
 import functools
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 
-def product_photo(image: np.ndarray, path=None, scale=10, margins=(70, 25), mode="RGB", alpha=False):
+def product_photo(image: np.ndarray, path=None, scale=10, margins=(70, 25), mode="RGB", alpha=False,
+                  resample=Image.Resampling.BILINEAR, background=255, canvas=None, blur=0.0, quality=90):
     """A test image as a product photo: a dark garment on a white background, larger, with margins.
-    Saved to `path` (JPEG quality 90 for .jpg) and the path returned, or the image itself without a path."""
-    garment = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
-    photo = Image.new("L", (28 * scale + 2 * margins[0], 28 * scale + 2 * margins[1]), 255)
+    Saved to `path` (JPEG of `quality` for .jpg) and the path returned, or the image itself without a path.
+
+    The other ways a photo is made (PHOTO_VARIATIONS): `resample`, the enlargement filter; `background`, the
+    studio's level (the garment's white lowered with it, as a darker exposure would); `canvas`, the photo's
+    (width, height), with the garment `margins` from its top left corner (off-centre); `blur`, a Gaussian's radius.
+    """
+    garment = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), resample)
+    if background != 255:
+        garment = Image.fromarray((np.asarray(garment) * (background / 255)).round().astype(np.uint8))
+    photo = Image.new("L", canvas or (28 * scale + 2 * margins[0], 28 * scale + 2 * margins[1]), background)
     photo.paste(garment, margins)
+    if blur:
+        photo = photo.filter(ImageFilter.GaussianBlur(blur))
     if alpha:   # a cut-out: the background transparent, and black (not white) under the transparency
         opaque = Image.fromarray(((np.asarray(photo) < 250) * 255).astype(np.uint8))
         photo = Image.merge("RGBA", [Image.eval(photo, lambda v: 0 if v >= 250 else v)] * 3 + [opaque])
@@ -26,8 +36,23 @@ def product_photo(image: np.ndarray, path=None, scale=10, margins=(70, 25), mode
         photo = photo.convert(mode)
     if path is None:
         return photo
-    photo.save(path, **({"quality": 90} if str(path).endswith(".jpg") else {}))
+    photo.save(path, **({"quality": quality} if str(path).endswith(".jpg") else {}))
     return path
+
+
+# Product photos made in other ordinary ways than product_photo's defaults (issue #26's list): its options.
+PHOTO_VARIATIONS = {
+    "bicubic": dict(resample=Image.Resampling.BICUBIC),
+    "Lanczos": dict(resample=Image.Resampling.LANCZOS),
+    "JPEG quality 60": dict(quality=60),
+    "4x": dict(scale=4, margins=(30, 10)),
+    "12x": dict(scale=12, margins=(40, 40)),
+    "off-centre, wide canvas": dict(canvas=(700, 400), margins=(40, 30)),
+    "off-centre, tall canvas": dict(canvas=(360, 600), margins=(60, 250)),
+    "off-white (245)": dict(background=245),
+    "light grey (232)": dict(background=232),
+    "blurred (radius 1)": dict(blur=1.0),
+}
 
 
 # ---- not Fashion-MNIST items ----------------------------------------------------------------------
