@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -93,3 +94,23 @@ def server(exported):
     running = Server(exported[0])
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (.ci/run starts one): FMNIST_TEST_POSTGRES, else fmnist's CI database. Absent:
+    the test is skipped, except under CI, where it fails."""
+    url = os.environ.get("FMNIST_TEST_POSTGRES", "postgresql://fmnist:fmnist@127.0.0.1:5432/fmnist")
+    try:
+        import sqlalchemy
+
+        from fmnist.sweep import study as studies
+
+        with sqlalchemy.create_engine(studies._with_driver(url)).connect():
+            pass
+    except Exception as e:
+        reason = f"needs a PostgreSQL server at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have PostgreSQL running (.ci/run starts it): {reason}")
+        pytest.skip(reason)
+    return url

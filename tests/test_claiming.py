@@ -249,23 +249,6 @@ def test_a_journal_keeps_no_heartbeat_and_lets_a_trials_error_through(tmp_path):
     assert stored(study, trial).state.name == "RUNNING"
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A real PostgreSQL server: FMNIST_TEST_POSTGRES, else fmnist's CI database (as tests/test_sweep.py's)."""
-    url = os.environ.get("FMNIST_TEST_POSTGRES", "postgresql://fmnist:fmnist@127.0.0.1:5432/fmnist")
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(studies._with_driver(url)).connect():
-            pass
-    except Exception as e:
-        reason = f"needs a PostgreSQL server at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have PostgreSQL running (.ci/run starts it): {reason}")
-        pytest.skip(reason)
-    return url
-
-
 @pytest.fixture
 def database_study(tmp_path, postgres_url):
     """A sweep's study of the grid in PostgreSQL, with heartbeats, deleted afterwards: (study, sweep, engine)."""

@@ -133,23 +133,6 @@ def test_concurrent_workers_on_the_journal_run_each_point_exactly_once(tmp_path,
     assert complete_once(trials(out)) and len(trials(out)) == 4
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A real PostgreSQL server (.ci/run starts one): FMNIST_TEST_POSTGRES, else fmnist's CI database."""
-    url = os.environ.get("FMNIST_TEST_POSTGRES", "postgresql://fmnist:fmnist@127.0.0.1:5432/fmnist")
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(studies._with_driver(url)).connect():
-            pass
-    except Exception as e:
-        reason = f"needs a PostgreSQL server at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have PostgreSQL running (.ci/run starts it): {reason}")
-        pytest.skip(reason)
-    return url
-
-
 def test_workers_that_start_together_on_a_new_database_all_open_it(tmp_path, postgres_url):
     """Each worker's first look at a database without Optuna's tables creates them; started together, all but
     one of them lose that race in PostgreSQL (UniqueViolation) and must open it on a second try."""
