@@ -54,8 +54,13 @@ def scorers(network, train: data.Split) -> dict:
 
     fc2 = penultimate(x).double().numpy()
     means = np.stack([fc2[train.labels == c].mean(0) for c in range(10)])
-    whiten = torch.from_numpy(ood.whitening(ood.shared_covariance(fc2, train.labels, means), ood.PIXEL_RIDGE)).float()
+    centred = fc2 - means[train.labels]   # one covariance shared by the classes, around each one's mean
+    whiten = torch.from_numpy(ood.whitening(ood.regularised(centred.T @ centred / len(fc2), ood.PIXEL_RIDGE))).float()
     means = torch.from_numpy(means).float()
+
+    def mahalanobis(h):   # (N,) the squared distance to the nearest class mean
+        z, m = h @ whiten, means @ whiten
+        return ((z * z).sum(1, keepdim=True) - 2 * z @ m.T + (m * m).sum(1)).min(1).values
 
     def batched(fn):
         def score(images):
@@ -68,9 +73,9 @@ def scorers(network, train: data.Split) -> dict:
         "max softmax probability": batched(lambda b: -F.softmax(logits(b), 1).max(1).values.numpy()),
         "energy": batched(lambda b: -torch.logsumexp(logits(b), 1).numpy()),
         "Mahalanobis, fc2": batched(
-            lambda b: ood.squared_distances(penultimate(b), means, whiten).min(1).values.numpy()),
-        "Mahalanobis, pixels": batched(lambda b: detector.parts(torch.from_numpy(b))[1].numpy()),
-        "Gaussians per class, conv2": batched(lambda b: detector.parts(torch.from_numpy(b))[2].numpy()),
+            lambda b: mahalanobis(penultimate(b)).numpy()),
+        "pixels, least varied directions": batched(lambda b: detector.parts(torch.from_numpy(b))[1][:, 0].numpy()),
+        "Gaussians per class, conv2": batched(lambda b: detector.parts(torch.from_numpy(b))[2].amin(1).numpy()),
         "fmnist: pixels, conv2, ink": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
     }
 

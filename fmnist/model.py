@@ -31,14 +31,17 @@ class Network(nn.Module):
 
     def convolutions(self, t: torch.Tensor) -> torch.Tensor:
         """conv1 and conv2, each with its max-pool and ReLU: (N, 1, 28, 28) in, (N, 192) out."""
+        return self.feature_maps(t).reshape(-1, 12 * 4 * 4)   # (N, 192)
+
+    def feature_maps(self, t: torch.Tensor) -> torch.Tensor:
+        """convolutions() before its flattening: (N, 12, 4, 4), conv2's maps (fmnist.ood reads them too)."""
         # The tutorial applies ReLU before each max-pool. Max commutes with ReLU (both keep order), so ReLU
         # after the pool gives the very same numbers, and the same gradients, with a quarter of the ReLU
         # work. What it is worth is measured by bench/test_levers.py (figures in bench/README.md).
         t = F.max_pool2d(self.conv1(t), kernel_size=2, stride=2)    # (N, 6, 12, 12)
         t = F.relu(t)
         t = F.max_pool2d(self.conv2(t), kernel_size=2, stride=2)    # (N, 12, 4, 4)
-        t = F.relu(t)
-        return t.reshape(-1, 12 * 4 * 4)                 # (N, 192)
+        return F.relu(t)
 
     def head(self, t: torch.Tensor) -> torch.Tensor:
         """The three linear layers: (N, 192) in, (N, 10) logits out."""

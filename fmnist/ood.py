@@ -1,52 +1,63 @@
 """How unlike Fashion-MNIST an image is: a score the exported model computes beside its logits.
 
 A classifier names one of its ten classes for anything, noise included. The score says how far an image lies
-from the training images, in two places, each a Gaussian fitted to the 60,000 training images at export:
+from the training images, in three parts, each fitted to the 60,000 training images at export:
 
-- the pixels (784 values): one mean per class and a covariance shared by the classes (Mahalanobis distance).
-  It sees what no garment photo looks like: noise, flat colours, gradients, checkerboards, text, photos.
-- conv2's output (192 values): one mean and one covariance per class (the negative log-likelihood, up to a
-  constant). It sees shapes made of the wrong strokes: handwritten digits, which look like a garment pixel
-  by pixel.
+- the pixels: one Gaussian for all the training images, on the PIXEL_DIRECTIONS directions of the 784 pixels in
+  which they vary least (the squared Mahalanobis distance from their mean, in those directions). Garments
+  keep to a few shapes on a black ground; noise, flat colours, gradients, checkerboards, text and photo crops
+  put ink where no garment has any. The directions of most variance, left out, are where garments differ
+  from one another, and where a garment photo made another way (another enlargement filter, a blur, JPEG)
+  differs from the test image it shows.
+- conv2's maps, averaged over 2 x 2 (48 values): one Gaussian per class, each with its own covariance (the
+  negative log-likelihood, up to a constant, of the nearest class). It sees shapes made of the wrong strokes:
+  handwritten digits, which look like a garment pixel by pixel.
+- the ink, the sum of the pixels: a blank image (all black, all white: the commonest wrong input a page or a
+  client sends) lies close to the training images in both Gaussians. Every training image has some (the
+  faintest 31, the median 303); the part is INK_BLANK for none, 0 at INK_SHARE of the faintest training
+  image's, and below 0 above it, so that it flags only an image that is (nearly) blank.
 
-And a blank image (all black, all white: the commonest wrong input a page or a client sends) lies close to the
-faintest class means in both, so a third part flags it: the ink, the sum of the squared pixels. Every training
-image has some (the faintest 4.6, the median 149); the part is INK_BLANK for none, 0 at INK_SHARE of the
-faintest training image's, and below 0 above it, so that it flags only an image that is (nearly) blank.
-
-Each part is put on one scale (0 at its median on the training images, 1 at their 95th percentile), and the
-score is the largest of the three. The threshold is the score that keeps 95% of the training images; the test
-images then judge it. How this was chosen against the maximum softmax probability, the energy score and the
-Mahalanobis distance on fc2's 60 values (the penultimate layer): `python -m bench.ood`, figures in README.md.
+Each Gaussian part is put on one scale (0 at its median on the training images, 1 at their 95th percentile),
+and the score is the largest of the three. The threshold is the score that keeps 95% of the training images;
+the test images then judge it. Every part is one matrix product or two, so the score costs little beside the
+Network (its cost and how it was chosen: `python -m bench.ood`, README.md's "Images that are not garments").
 """
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fmnist.model import Network
 
 KEEP = 0.95             # the share of training images whose score is at or under the threshold
+PIXEL_DIRECTIONS = 64   # the pixel part's directions of least variance (measured: 32 lost text, 128 gained little)
 PIXEL_RIDGE = 1e-3      # added to the covariances' diagonals, times their mean variance: border pixels that
 CONV_RIDGE = 1e-2       # are always 0, and dead ReLUs, have none (measured: 1e-3..1e-2 flag the same sets)
 BATCH = 2000            # images per pass when fitting: bounds the memory of conv1's output
 INK_SHARE = 0.5         # an image with less ink than this share of the faintest training image's is blank...
-INK_BLANK = 10.0        # ...and one with none scores this: far over any threshold (about 1.3)
+INK_BLANK = 10.0        # ...and one with none scores this: far over any threshold (about 1.5)
 
 
 class Detector(nn.Module):
     """The Network with its out-of-distribution score: images (N, 1, 28, 28) in; logits (N, 10), the
-    Network's own, and ood_score (N,) out. Higher: less like a Fashion-MNIST image."""
+    Network's own, and ood_score (N,) out. Higher: less like a Fashion-MNIST image.
+
+    Each part is written as the exported graph computes it, a few nodes each: a projection (a matrix and a
+    shift), squared, then summed by a matrix whose entries hold the part's scale (1 / its spread) and whose
+    offset holds the rest (its median, and the conv part's log-determinants)."""
 
     # The buffers that __init__ registers from `fitted`, by name (fit() computes them).
-    pixel_means: torch.Tensor
-    pixel_whiten: torch.Tensor
-    pixel_scale: torch.Tensor
-    conv_means: torch.Tensor
-    conv_whiten: torch.Tensor
-    conv_logdet: torch.Tensor
-    conv_scale: torch.Tensor
-    ink_limit: torch.Tensor
+    pixel_project: torch.Tensor     # (K, 784): the K directions of least variance, each over its deviation
+    pixel_shift: torch.Tensor       # (K,): minus the training mean, projected
+    pixel_sum: torch.Tensor         # (1, K): the scale
+    pixel_offset: torch.Tensor      # (1,)
+    conv_project: torch.Tensor      # (10 * 48, 48): each class's whitening, one block of 48 rows a class
+    conv_shift: torch.Tensor        # (10 * 48,): minus each class's mean, whitened
+    conv_sum: torch.Tensor          # (10, 10 * 48): sums each class's block, times the scale
+    conv_offset: torch.Tensor       # (10,): each class's log-determinant, less the median, scaled
+    ink_weight: torch.Tensor        # (1, 784): -INK_BLANK / the ink limit, for every pixel
+    ink_offset: torch.Tensor        # (1,): INK_BLANK
 
     def __init__(self, network: Network, fitted: dict[str, np.ndarray]):
         super().__init__()
@@ -55,42 +66,27 @@ class Detector(nn.Module):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pixels, conv = self.parts(images)
-        return logits, self.score(pixels, conv, self.blank(images))
+        logits, pixels, conv, blank = self.parts(images)
+        return logits, score(pixels, conv, blank)
 
-    def score(self, pixels: torch.Tensor, conv: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
-        """The two Gaussian parts, each put on the common scale, and the blank part: the largest of the three."""
-        return torch.maximum(torch.maximum((pixels - self.pixel_scale[0]) / self.pixel_scale[1],
-                                           (conv - self.conv_scale[0]) / self.conv_scale[1]), blank)
-
-    def blank(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,) INK_BLANK for an image with no ink, 0 at ink_limit, falling below 0 above it."""
-        ink = (images * images).flatten(1).sum(1)
-        return INK_BLANK * (1 - ink / self.ink_limit)
-
-    def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The logits, and the two parts of the score, each on its own scale: (N, 10), (N,), (N,)."""
-        h = self.network.convolutions(images)                                   # (N, 192)
-        logits = self.network.head(h)                                           # (N, 10)
-        pixels = squared_distances(images.flatten(1), self.pixel_means, self.pixel_whiten).min(1).values
-        conv = (per_class_distances(h, self.conv_means, self.conv_whiten) + self.conv_logdet).min(1).values
-        return logits, pixels, conv
+    def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The logits (N, 10) and the three parts, each on the common scale: the pixels (N, 1), conv2 for each
+        class (N, 10; the part is the nearest class's) and the ink (N, 1)."""
+        maps = self.network.feature_maps(images)                                # (N, 12, 4, 4)
+        logits = self.network.head(maps.reshape(-1, 12 * 4 * 4))                # (N, 10)
+        x = images.reshape(-1, 28 * 28)
+        z = F.linear(x, self.pixel_project, self.pixel_shift)                   # (N, K)
+        pixels = F.linear(z * z, self.pixel_sum, self.pixel_offset)             # (N, 1)
+        z = F.linear(F.avg_pool2d(maps, 2).reshape(-1, 48), self.conv_project, self.conv_shift)   # (N, 480)
+        conv = F.linear(z * z, self.conv_sum, self.conv_offset)                 # (N, 10)
+        blank = F.linear(x, self.ink_weight, self.ink_offset)                   # (N, 1)
+        return logits, pixels, conv, blank
 
 
-def squared_distances(x: torch.Tensor, means: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    """(N, C) squared Mahalanobis distances of x (N, D) from each of C means (C, D), with one covariance whose
-    inverse is whiten @ whiten.T. Expanded as |z|^2 - 2 z.m + |m|^2, so no (N, C, D) tensor is made."""
-    z, m = x @ whiten, means @ whiten
-    return (z * z).sum(1, keepdim=True) - 2 * z @ m.T + (m * m).sum(1)
-
-
-def per_class_distances(h: torch.Tensor, means: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    """(N, C) squared Mahalanobis distances of h (N, D), each class c with its own covariance, whose inverse is
-    whiten[c] @ whiten[c].T: one matrix product for all the classes at once."""
-    c, d, _ = whiten.shape
-    z = h @ whiten.permute(1, 0, 2).reshape(d, c * d)                           # (N, C * D)
-    shift = torch.einsum("cd,cde->ce", means, whiten).reshape(c * d)
-    return ((z - shift) ** 2).reshape(-1, c, d).sum(2)
+def score(pixels: torch.Tensor, conv: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
+    """(N,) the largest of the three parts, the conv part its nearest class's: the largest of max(pixels,
+    conv[:, c], blank) is taken for each class c first, then the smallest over c, which is the same number."""
+    return torch.maximum(torch.maximum(conv, pixels), blank).amin(1)
 
 
 # ---- fitting, at export --------------------------------------------------------------------------
@@ -102,41 +98,56 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         network = network.eval()
         x = torch.from_numpy(images)
         pixels = images.reshape(len(images), -1).astype(np.float64)
-        conv = torch.cat([network.convolutions(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]).double().numpy()
+        maps = torch.cat([network.feature_maps(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+        conv = F.avg_pool2d(maps, 2).reshape(len(x), -1).double().numpy()
         classes = np.unique(labels)
 
-        pixel_means = np.stack([pixels[labels == c].mean(0) for c in classes])
-        pixel_whiten = whitening(shared_covariance(pixels, labels, pixel_means), PIXEL_RIDGE)
-        conv_means = np.stack([conv[labels == c].mean(0) for c in classes])
-        covariances = [np.cov(conv[labels == c].T, bias=True) for c in classes]
-        conv_whiten = np.stack([whitening(cov, CONV_RIDGE) for cov in covariances])
-        conv_logdet = np.array([np.linalg.slogdet(regularised(cov, CONV_RIDGE))[1] for cov in covariances])
-        fitted = dict(pixel_means=pixel_means, pixel_whiten=pixel_whiten, pixel_scale=np.array([0.0, 1.0]),
-                      conv_means=conv_means, conv_whiten=conv_whiten, conv_logdet=conv_logdet,
-                      conv_scale=np.array([0.0, 1.0]), ink_limit=INK_SHARE * (pixels ** 2).sum(1).min(keepdims=True))
+        mean = pixels.mean(0)
+        directions = least_varied(np.cov(pixels.T, bias=True), PIXEL_RIDGE, PIXEL_DIRECTIONS)   # (784, K)
+        conv_means = [conv[labels == c].mean(0) for c in classes]
+        covariances = [regularised(np.cov(conv[labels == c].T, bias=True), CONV_RIDGE) for c in classes]
+        whiten = [whitening(cov) for cov in covariances]                                    # each (48, 48)
+        d = conv.shape[1]
+        ink = pixels.sum(1)
+        fitted = dict(
+            pixel_project=directions.T, pixel_shift=-mean @ directions,
+            pixel_sum=np.ones((1, len(directions.T))), pixel_offset=np.zeros(1),
+            conv_project=np.concatenate([w.T for w in whiten]),
+            conv_shift=-np.concatenate([m @ w for m, w in zip(conv_means, whiten, strict=True)]),
+            conv_sum=np.kron(np.eye(len(classes)), np.ones((1, d))),
+            conv_offset=np.array([np.linalg.slogdet(cov)[1] for cov in covariances]),
+            ink_weight=np.full((1, pixels.shape[1]), -INK_BLANK / (INK_SHARE * ink.min())),
+            ink_offset=np.array([INK_BLANK]))
         detector = Detector(network, fitted).eval()
 
-        # Each part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
-        pixel_part, conv_part = (torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:]
-                                                            for i in range(0, len(x), BATCH)), strict=True))
-        for name, values in (("pixel_scale", pixel_part), ("conv_scale", conv_part)):
-            median, high = np.quantile(values.double().numpy(), [0.5, 0.95])
-            getattr(detector, name).copy_(torch.tensor([median, high - median]))
-        blank = detector.blank(x)
-        return detector, float(np.quantile(detector.score(pixel_part, conv_part, blank).double().numpy(), KEEP))
+        # Each Gaussian part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
+        pixel_part, conv_part, _ = batched_parts(detector, x)
+        for (weights, offset), values in (((detector.pixel_sum, detector.pixel_offset), pixel_part),
+                                          ((detector.conv_sum, detector.conv_offset), conv_part)):
+            median, high = np.quantile(values.amin(1).double().numpy(), [0.5, 0.95])
+            weights /= high - median
+            offset.sub_(median).div_(high - median)
+        return detector, float(np.quantile(score(*batched_parts(detector, x)).double().numpy(), KEEP))
 
 
-def shared_covariance(x: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """The covariance of x around each row's own class mean, over all the classes together."""
-    centred = x - means[np.searchsorted(np.unique(labels), labels)]
-    return centred.T @ centred / len(x)
+def batched_parts(detector: Detector, x: torch.Tensor) -> list[torch.Tensor]:
+    """detector.parts(x) less the logits, BATCH images at a time."""
+    return [torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:] for i in range(0, len(x), BATCH)),
+                                      strict=True)]
 
 
 def regularised(covariance: np.ndarray, ridge: float) -> np.ndarray:
     return covariance + ridge * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
 
 
-def whitening(covariance: np.ndarray, ridge: float) -> np.ndarray:
-    """W with W @ W.T the inverse of the regularised covariance, so that |(x - m) @ W|^2 is the squared
-    Mahalanobis distance."""
-    return np.linalg.cholesky(np.linalg.inv(regularised(covariance, ridge)))
+def whitening(covariance: np.ndarray) -> np.ndarray:
+    """W with W @ W.T the inverse of the covariance, so that |(x - m) @ W|^2 is the squared Mahalanobis
+    distance."""
+    return np.linalg.cholesky(np.linalg.inv(covariance))
+
+
+def least_varied(covariance: np.ndarray, ridge: float, k: int) -> np.ndarray:
+    """(D, k): the k eigenvectors of the regularised covariance with the smallest eigenvalues, each divided by
+    the square root of its eigenvalue, so that |(x - m) @ it|^2 is the Mahalanobis distance in those directions."""
+    values, vectors = np.linalg.eigh(regularised(covariance, ridge))   # eigenvalues in ascending order
+    return vectors[:, :k] / np.sqrt(values[:k])

@@ -5,6 +5,7 @@ model; this file checks that it is the score the module's docstring describes.""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmnist import data, ood, runtime
 from fmnist.model import Network
@@ -23,113 +24,122 @@ def fitted(real_data):
 
 
 def textbook(network, x, y, images):
-    """The two parts of the score, each before its scaling, as the docstring says them: the smallest squared
-    Mahalanobis distance of the pixels to a class mean under the shared covariance; and over the classes, the
-    smallest squared distance of conv2's output to the class mean under the class's own covariance plus the
-    log-determinant of that covariance."""
-    px, flat = x.reshape(len(x), -1).astype(np.float64), images.reshape(len(images), -1).astype(np.float64)
-    means = np.stack([px[y == c].mean(0) for c in range(10)])
-    centred = px - means[y]
-    shared = centred.T @ centred / len(px)
-    shared += ood.PIXEL_RIDGE * np.trace(shared) / 784 * np.eye(784)
-    precision = np.linalg.inv(shared)
-    pixels = np.min([np.einsum("ni,ij,nj->n", flat - m, precision, flat - m) for m in means], axis=0)
-    with torch.inference_mode():
-        h_train = network.convolutions(torch.from_numpy(x)).double().numpy()
-        h = network.convolutions(torch.from_numpy(images)).double().numpy()
-    per_class = []
-    for c in range(10):
-        mine = h_train[y == c]
-        covariance = (mine - mine.mean(0)).T @ (mine - mine.mean(0)) / len(mine)
-        covariance += ood.CONV_RIDGE * np.trace(covariance) / 192 * np.eye(192)
-        d = h - mine.mean(0)
-        per_class.append(np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d) + np.linalg.slogdet(covariance)[1])
-    return pixels, np.min(per_class, axis=0)
+    """The two Gaussian parts as the docstring says them, in float64, each on its scale (0 at the median of
+    the training images x, 1 at their 95th percentile): (N,) for the pixels, the squared Mahalanobis distance
+    from the mean of x in the PIXEL_DIRECTIONS eigen-directions of least variance of their (regularised)
+    covariance; (N, 10) for conv2, the squared distance of its 2 x 2 averaged maps to each class mean under
+    the class's own regularised covariance, plus the log-determinant of that covariance."""
+    def pixel_distance(f):
+        px = x.reshape(len(x), -1).astype(np.float64)
+        covariance = np.cov(px.T, bias=True)
+        covariance += ood.PIXEL_RIDGE * np.trace(covariance) / 784 * np.eye(784)
+        values, vectors = np.linalg.eigh(covariance)
+        k = ood.PIXEL_DIRECTIONS
+        return ((((f.reshape(len(f), -1) - px.mean(0)) @ vectors[:, :k]) ** 2) / values[:k]).sum(1)
+
+    def averaged_maps(f):
+        with torch.inference_mode():
+            return F.avg_pool2d(network.feature_maps(torch.from_numpy(f)), 2).reshape(len(f), 48).double().numpy()
+
+    def conv_distances(f):
+        g_train, g = averaged_maps(x), averaged_maps(f)
+        per_class = []
+        for c in range(10):
+            mine = g_train[y == c]
+            covariance = (mine - mine.mean(0)).T @ (mine - mine.mean(0)) / len(mine)
+            covariance += ood.CONV_RIDGE * np.trace(covariance) / 48 * np.eye(48)
+            d = g - mine.mean(0)
+            per_class.append(np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d)
+                             + np.linalg.slogdet(covariance)[1])
+        return np.stack(per_class, 1)
+
+    def scaled(part, on_train):
+        median, high = np.quantile(on_train, [0.5, 0.95])
+        return (part - median) / (high - median)
+
+    pixels = scaled(pixel_distance(images), pixel_distance(x))
+    conv = scaled(conv_distances(images), conv_distances(x).min(1))
+    return pixels, conv
 
 
-def test_each_part_is_its_textbook_formula(fitted):
+def test_each_part_is_its_textbook_formula_on_its_scale(fitted):
     network, x, y, detector, _, images = fitted
     with torch.inference_mode():
-        logits, pixels, conv = (t.double().numpy() for t in detector.parts(torch.from_numpy(images)))
+        logits, pixels, conv, _ = (t.double().numpy() for t in detector.parts(torch.from_numpy(images)))
         own = network(torch.from_numpy(images)).double().numpy()
     expected_pixels, expected_conv = textbook(network, x, y, images)
-    np.testing.assert_allclose(pixels, expected_pixels, rtol=1e-3)
-    np.testing.assert_allclose(conv, expected_conv, rtol=1e-3, atol=1e-2)
+    assert pixels.shape == (40, 1) and conv.shape == (40, 10)
+    np.testing.assert_allclose(pixels[:, 0], expected_pixels, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(conv, expected_conv, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(logits, own)   # the logits are the Network's own
 
 
-def test_each_part_is_put_on_one_scale_by_the_training_images_and_the_score_is_the_larger(fitted):
+def test_the_score_is_the_largest_part_and_the_threshold_keeps_95_percent(fitted):
     network, x, y, detector, threshold, images = fitted
     with torch.inference_mode():
-        _, pixels, conv = detector.parts(torch.from_numpy(x))
+        _, pixels, conv, blank = detector.parts(torch.from_numpy(x))
         _, score = detector(torch.from_numpy(x))
-    for part, (offset, unit) in ((pixels, detector.pixel_scale), (conv, detector.conv_scale)):
-        scaled = ((part - offset) / unit).double().numpy()
-        assert np.median(scaled) == pytest.approx(0, abs=1e-6)       # 0 at its median on the training images
-        assert np.quantile(scaled, 0.95) == pytest.approx(1, abs=1e-6)   # 1 at their 95th percentile
-    expected = torch.maximum((pixels - detector.pixel_scale[0]) / detector.pixel_scale[1],
-                             (conv - detector.conv_scale[0]) / detector.conv_scale[1])
-    torch.testing.assert_close(score, expected, rtol=0, atol=0)   # no training image is blank
-    assert bool((score > (pixels - detector.pixel_scale[0]) / detector.pixel_scale[1]).any())   # each part
-    assert bool((score > (conv - detector.conv_scale[0]) / detector.conv_scale[1]).any())       # wins somewhere
+    pixels, conv = pixels[:, 0].double().numpy(), conv.amin(1).double().numpy()
+    for part in (pixels, conv):
+        assert np.median(part) == pytest.approx(0, abs=1e-5)        # 0 at its median on the training images
+        assert np.quantile(part, 0.95) == pytest.approx(1, abs=1e-5)   # 1 at their 95th percentile
+    assert float(blank.max()) < float(score.min())   # no training image is blank
+    np.testing.assert_allclose(score.double().numpy(), np.maximum(pixels, conv), rtol=1e-6, atol=1e-6)
+    assert bool((pixels > conv).any()) and bool((conv > pixels).any())   # each part wins somewhere
     # The threshold keeps KEEP of the training images: 95% of them at or under it.
     assert threshold == pytest.approx(float(np.quantile(score.double().numpy(), ood.KEEP)), rel=1e-6)
     assert np.mean(score.numpy() <= threshold) == pytest.approx(ood.KEEP, abs=1 / COUNT)
 
 
-def test_the_fitted_buffers_are_float32_class_means_and_log_determinants(fitted):
+def test_score_is_the_largest_of_the_parts_with_the_nearest_class():
+    rng = np.random.default_rng(2)
+    pixels, conv, blank = rng.normal(size=(50, 1)), rng.normal(size=(50, 10)), rng.normal(size=(50, 1))
+    got = ood.score(*(torch.from_numpy(p) for p in (pixels, conv, blank)))
+    np.testing.assert_array_equal(got.numpy(), np.maximum.reduce([pixels[:, 0], conv.min(1), blank[:, 0]]))
+
+
+def test_the_fitted_buffers_are_float32_and_of_the_exported_shapes(fitted):
     network, x, y, detector, _, _ = fitted
-    px = x.reshape(len(x), -1).astype(np.float64)
+    k = ood.PIXEL_DIRECTIONS
     assert {name: tuple(buffer.shape) for name, buffer in detector.named_buffers()} == {
-        "pixel_means": (10, 784), "pixel_whiten": (784, 784), "pixel_scale": (2,), "conv_means": (10, 192),
-        "conv_whiten": (10, 192, 192), "conv_logdet": (10,), "conv_scale": (2,), "ink_limit": (1,)}
+        "pixel_project": (k, 784), "pixel_shift": (k,), "pixel_sum": (1, k), "pixel_offset": (1,),
+        "conv_project": (480, 48), "conv_shift": (480,), "conv_sum": (10, 480), "conv_offset": (10,),
+        "ink_weight": (1, 784), "ink_offset": (1,)}
     assert all(buffer.dtype == torch.float32 for buffer in detector.buffers())
-    np.testing.assert_allclose(detector.pixel_means.numpy(), [px[y == c].mean(0) for c in range(10)], atol=1e-6)
+    # conv_sum adds up each class's own 48 squares, and no other class's.
+    sums = detector.conv_sum.numpy()
+    np.testing.assert_array_equal(sums != 0, np.kron(np.eye(10), np.ones((1, 48))) != 0)
     assert detector.network is network and not detector.training
 
 
-def test_the_distances_are_mahalanobis_distances_for_any_whitening():
+def test_the_whitenings_give_mahalanobis_distances():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(6, 6))
     covariance = a @ a.T + np.eye(6)
-    w = ood.whitening(covariance, 0.0)
+    w = ood.whitening(covariance)
     np.testing.assert_allclose(w @ w.T, np.linalg.inv(covariance), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(np.tril(w), w)   # Cholesky's lower triangle
     ridged = covariance + 0.5 * np.trace(covariance) / 6 * np.eye(6)
     np.testing.assert_allclose(ood.regularised(covariance, 0.5), ridged)
-    x, means = rng.normal(size=(5, 6)), rng.normal(size=(3, 6))
-    precision = np.linalg.inv(covariance)
-    expected = np.array([[(p - m) @ precision @ (p - m) for m in means] for p in x])
-    got = ood.squared_distances(torch.from_numpy(x), torch.from_numpy(means), torch.from_numpy(w))
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
-    others = [b @ b.T + np.eye(6) for b in rng.normal(size=(3, 6, 6))]
-    whitens = np.stack([ood.whitening(c, 0.0) for c in others])
-    expected = np.array([[(p - m) @ np.linalg.inv(c) @ (p - m) for m, c in zip(means, others, strict=True)]
-                         for p in x])
-    got = ood.per_class_distances(torch.from_numpy(x), torch.from_numpy(means), torch.from_numpy(whitens))
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
-
-
-def test_the_shared_covariance_is_around_each_rows_own_class_mean():
-    rng = np.random.default_rng(1)
-    labels = np.array([3, 7, 3, 7, 7, 9])                   # classes that are not 0..C-1
-    x = rng.normal(size=(6, 2))
-    means = np.stack([x[labels == c].mean(0) for c in (3, 7, 9)])
-    centred = x - means[[0, 1, 0, 1, 1, 2]]
-    np.testing.assert_allclose(ood.shared_covariance(x, labels, means), centred.T @ centred / 6)
+    # All the directions: the full Mahalanobis distance; fewer: the ones of least variance, each whitened.
+    x, mean = rng.normal(size=(5, 6)), rng.normal(size=6)
+    full = ood.least_varied(covariance, 0.0, 6)
+    expected = np.einsum("ni,ij,nj->n", x - mean, np.linalg.inv(covariance), x - mean)
+    np.testing.assert_allclose((((x - mean) @ full) ** 2).sum(1), expected, rtol=1e-9)
+    two = ood.least_varied(covariance, 0.0, 2)
+    np.testing.assert_allclose(two.T @ covariance @ two, np.eye(2), atol=1e-9)
+    np.testing.assert_allclose(np.sort(1 / (two ** 2).sum(0)), np.linalg.eigvalsh(covariance)[:2], rtol=1e-9)
 
 
 def test_a_blank_image_scores_ink_blank_and_an_inked_one_is_not_flagged_by_its_ink(fitted):
     network, x, y, detector, threshold, images = fitted
-    ink = (x.astype(np.float64) ** 2).reshape(len(x), -1).sum(1)
-    assert float(detector.ink_limit) == pytest.approx(ood.INK_SHARE * ink.min(), rel=1e-6)
-    limit = float(detector.ink_limit)
-    at_limit = np.full((1, 1, 28, 28), np.sqrt(limit / 784), np.float32)        # exactly ink_limit of ink
-    half = np.full((1, 1, 28, 28), np.sqrt(limit / 2 / 784), np.float32)        # half of it
+    ink = x.astype(np.float64).reshape(len(x), -1).sum(1)
+    limit = ood.INK_SHARE * ink.min()
+    at_limit = np.full((1, 1, 28, 28), limit / 784, np.float32)        # exactly the limit of ink
+    half = np.full((1, 1, 28, 28), limit / 2 / 784, np.float32)        # half of it
     with torch.inference_mode():
-        blank = detector.blank(torch.from_numpy(np.concatenate([np.zeros_like(at_limit), half, at_limit, x])))
+        blank = detector.parts(torch.from_numpy(np.concatenate([np.zeros_like(at_limit), half, at_limit, x])))[3]
         _, scores = detector(torch.zeros(3, 1, 28, 28))
-    np.testing.assert_allclose(blank[:3].numpy(), [ood.INK_BLANK, ood.INK_BLANK / 2, 0], atol=1e-4)
-    # The faintest training image has twice ink_limit: its ink part is -INK_BLANK, the others' lower.
+    np.testing.assert_allclose(blank[:3, 0].numpy(), [ood.INK_BLANK, ood.INK_BLANK / 2, 0], atol=1e-4)
+    # The faintest training image has twice the limit: its ink part is -INK_BLANK, the others' lower.
     assert float(blank[3:].max()) == pytest.approx(-ood.INK_BLANK, abs=1e-3)
     assert scores.tolist() == [ood.INK_BLANK] * 3 and ood.INK_BLANK > threshold   # all black: flagged
