@@ -103,6 +103,7 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 MAX_TOP = 10   # the most classes a prediction lists (predict --top, /predict?top=): there are 10
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 PLAIN_TOLERANCE = 0.10 * 255  # a plain background: most of the border within 10% of its median level (JPEG noise
+STUDIO_LEVEL = 40            # a background negated to this level or under (a photo's of 215..255) goes to black
 PLAIN_SHARE = 0.8             # and a shadow pass, uniform noise has about a fifth of its border there)
 
 
@@ -117,7 +118,8 @@ def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: s
                max_pixels: int | None = None) -> Prepared:
     """An image file of any size and mode as a model input (1, 1, 28, 28), prepared the way Fashion-MNIST's
     images were made from product photos (Xiao et al. 2017, section 2): trim the edges that are close to the
-    corner colour, resize the longest edge to 28, sharpen, centre on a 28 x 28 canvas, negate, 8-bit grey.
+    corner colour, resize the longest edge to 28, sharpen, centre on a 28 x 28 canvas, negate, take a light
+    studio background to black (a levels stretch), 8-bit grey.
 
     Negating is decided from the image: a light border (a garment photographed on a light background, the
     common case) is negated, so that it becomes a light garment on a dark background as in Fashion-MNIST; a
@@ -138,6 +140,8 @@ def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: s
     if gray.shape != (28, 28):
         gray = _fashion_mnist_geometry(gray)
     pixels = 255 - gray if negate else gray   # levels 0..255, as _decode gives them
+    if negate and light and plain:   # a studio photo: its background to Fashion-MNIST's black
+        pixels = _background_to_black(pixels)
     model_input = to_model_input(pixels.round().astype(np.uint8)[None])
     return Prepared(model_input, negate, ("light" if light else "dark") if plain else "mixed")
 
@@ -192,6 +196,16 @@ def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:
     canvas = Image.new("L", (28, 28), int(round(corner)))
     canvas.paste(small, ((28 - size[0]) // 2, (28 - size[1]) // 2))
     return np.asarray(canvas, dtype=np.float64)
+
+
+def _background_to_black(pixels: np.ndarray) -> np.ndarray:
+    """A levels stretch: the border's level (a light studio background negated: 23 for a grey of 232) becomes
+    0, as every Fashion-MNIST image's background is, and the image's own maximum stays where it is."""
+    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    top = float(pixels.max())
+    if top <= background or background > STUDIO_LEVEL:   # a blank image stays blank; a darker ground (a
+        return pixels                                     # coloured page, a gradient) is no studio's: kept
+    return np.clip((pixels - background) * (top / (top - background)), 0, 255)
 
 
 def predict_file(sess: "ort.InferenceSession", path: str | Path, invert: bool | None = None, k: int = 3) -> dict:

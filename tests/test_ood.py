@@ -18,7 +18,8 @@ from fmnist import data, ood, runtime
 from fmnist.checkpoint import load_network
 from fmnist.export import METADATA, to_onnx
 from tests.conftest import run_cli
-from tests.images import NOT_GARMENTS, not_garments, product_photo
+from tests.images import NOT_GARMENTS, PHOTO_VARIATIONS, not_garments, product_photo
+from tests.test_score import textbook
 
 PER_SET = 100
 
@@ -57,6 +58,37 @@ def test_product_photos_of_test_images_are_rarely_flagged(exported, real_data, t
     photos = [product_photo(test.images[i], tmp_path / f"{i}.jpg") for i in range(PER_SET)]
     flagged = sum(row["out_of_distribution"] for row in predict_json(photos, exported[0]))
     assert flagged <= 0.10 * PER_SET, f"{flagged} of {PER_SET} flagged"
+
+
+@pytest.fixture(scope="module")
+def test_image_classes(exported, tmp_path_factory, real_data):
+    """The top class of each of the first PER_SET test images, as the model gives it for the 28 x 28 image."""
+    folder = tmp_path_factory.mktemp("test-images")
+    test = data.load("test", download=False)
+    paths = [folder / f"{i}.png" for i in range(PER_SET)]
+    for i, path in enumerate(paths):
+        Image.fromarray(test.images[i]).save(path)
+    return [row["top"][0]["class"] for row in predict_json(paths, exported[0])]
+
+
+# Not yet within the bound (#26 open): the CI's one-epoch model flags 12 and 14 of these 100 photos. Strict:
+# the test fails once they are within it, so that the mark goes with the gap.
+SHORT_OF_THE_BOUND = {"bicubic", "Lanczos"}
+
+
+@pytest.mark.parametrize("variation", [
+    pytest.param(v, marks=pytest.mark.xfail(strict=True, reason="over 10% flagged: issue #26"))
+    if v in SHORT_OF_THE_BOUND else v for v in PHOTO_VARIATIONS])
+def test_photos_made_other_ways_are_classified_as_their_test_image_and_rarely_flagged(
+        exported, test_image_classes, tmp_path, variation):
+    test = data.load("test", download=False)
+    options = PHOTO_VARIATIONS[variation]
+    photos = [product_photo(test.images[i], tmp_path / f"{i}.jpg", **options) for i in range(PER_SET)]
+    rows = predict_json(photos, exported[0])
+    same = sum(row["top"][0]["class"] == c for row, c in zip(rows, test_image_classes, strict=True))
+    flagged = sum(row["out_of_distribution"] for row in rows)
+    assert same >= 0.85 * PER_SET, f"{variation}: {same} of {PER_SET} classified as their test image"
+    assert flagged <= 0.10 * PER_SET, f"{variation}: {flagged} of {PER_SET} flagged"
 
 
 @pytest.mark.parametrize("name", list(NOT_GARMENTS))
@@ -110,32 +142,19 @@ def test_predict_says_it_in_plain_words(exported, tmp_path, real_data):
     assert "does not look like" not in lines[str(garment)] and "%" in lines[str(noise)]
 
 
-def test_the_score_is_the_mahalanobis_distances_written_plainly(trained, real_data):
-    """The whitened, expanded and batched forms of the Detector against the textbook formulas in float64."""
+def test_the_score_is_the_textbook_formulas_on_a_trained_network(trained, real_data):
+    """The exported form of the Detector (projections, squares, summing matrices) against the textbook formulas
+    in float64 (tests/test_score.py's), with a trained Network's maps and 12,000 training images."""
     network = load_network(trained[0] / "fmnist.pt")
     train, test = data.load("train", download=False), data.load("test", download=False)
     x, y = runtime.to_model_input(train.images[:12_000]), train.labels[:12_000]
     detector, _ = ood.fit(network, x, y)
     images = runtime.to_model_input(test.images[:50])
     with torch.inference_mode():
-        _, pixels, conv = (t.double().numpy() for t in detector.parts(torch.from_numpy(images)))
-
-    flat, px = images.reshape(50, -1).astype(np.float64), x.reshape(len(x), -1).astype(np.float64)
-    means = np.stack([px[y == c].mean(0) for c in range(10)])
-    centred = px - means[y]
-    precision = np.linalg.inv(ood.regularised(centred.T @ centred / len(px), ood.PIXEL_RIDGE))
-    expected = np.min([np.einsum("ni,ij,nj->n", flat - m, precision, flat - m) for m in means], axis=0)
-    np.testing.assert_allclose(pixels, expected, rtol=1e-3)
-
-    with torch.inference_mode():
-        h_train = network.convolutions(torch.from_numpy(x)).double().numpy()
-        h = network.convolutions(torch.from_numpy(images)).double().numpy()
-    per_class = []
-    for c in range(10):
-        covariance = ood.regularised(np.cov(h_train[y == c].T, bias=True), ood.CONV_RIDGE)
-        d = h - h_train[y == c].mean(0)
-        per_class.append(np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d) + np.linalg.slogdet(covariance)[1])
-    np.testing.assert_allclose(conv, np.min(per_class, axis=0), rtol=1e-3, atol=1e-2)
+        _, pixels, conv, _ = (t.double().numpy() for t in detector.parts(torch.from_numpy(images)))
+    expected_pixels, expected_conv = textbook(network, x, y, images)
+    np.testing.assert_allclose(pixels[:, 0], expected_pixels, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(conv, expected_conv, rtol=1e-3, atol=1e-3)
 
 
 def test_a_model_exported_without_the_score_still_predicts_with_a_note(trained, tmp_path, real_data):
