@@ -121,19 +121,18 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         detector = Detector(network, fitted).eval()
 
         # Each Gaussian part on one scale: 0 at its median on the training images, 1 at their 95th percentile.
-        pixel_part, conv_part, _ = batched_parts(detector, x)
+        # The scale is linear in the parts, so the parts already computed are rescaled rather than computed again.
+        pixel_part, conv_part, blank = (torch.cat(p) for p in zip(
+            *(detector.parts(x[i:i + BATCH])[1:] for i in range(0, len(x), BATCH)), strict=True))
+        scaled = []
         for (weights, offset), values in (((detector.pixel_sum, detector.pixel_offset), pixel_part),
                                           ((detector.conv_sum, detector.conv_offset), conv_part)):
             median, high = np.quantile(values.amin(1).double().numpy(), [0.5, 0.95])
             weights /= high - median
             offset.sub_(median).div_(high - median)
-        return detector, float(np.quantile(score(*batched_parts(detector, x)).double().numpy(), KEEP))
-
-
-def batched_parts(detector: Detector, x: torch.Tensor) -> list[torch.Tensor]:
-    """detector.parts(x) less the logits, BATCH images at a time."""
-    return [torch.cat(p) for p in zip(*(detector.parts(x[i:i + BATCH])[1:] for i in range(0, len(x), BATCH)),
-                                      strict=True)]
+            scaled.append((values - median) / (high - median))
+        pixels_scaled, conv_scaled = scaled
+        return detector, float(np.quantile(score(pixels_scaled, conv_scaled, blank).double().numpy(), KEEP))
 
 
 def regularised(covariance: np.ndarray, ridge: float) -> np.ndarray:

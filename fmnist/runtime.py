@@ -133,7 +133,7 @@ def load_image(path: str | Path | IO[bytes], invert: bool | None = None, name: s
     own limit.
     """
     gray = _decode(path, invert, name or str(path), max_pixels)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    border = _border(gray)
     light = float(np.median(border)) > 127
     plain = np.mean(np.abs(border - np.median(border)) <= PLAIN_TOLERANCE) >= PLAIN_SHARE
     negate = light if invert is None else invert
@@ -198,10 +198,15 @@ def _fashion_mnist_geometry(gray: np.ndarray) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float64)
 
 
+def _border(levels: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of an image (H, W), as one array."""
+    return np.concatenate([levels[0], levels[-1], levels[:, 0], levels[:, -1]])
+
+
 def _background_to_black(pixels: np.ndarray) -> np.ndarray:
     """A levels stretch: the border's level (a light studio background negated: 23 for a grey of 232) becomes
     0, as every Fashion-MNIST image's background is, and the image's own maximum stays where it is."""
-    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    background = float(np.median(_border(pixels)))
     top = float(pixels.max())
     if top <= background or background > STUDIO_LEVEL:   # a blank image stays blank; a darker ground (a
         return pixels                                     # coloured page, a gradient) is no studio's: kept
