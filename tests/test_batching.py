@@ -103,7 +103,7 @@ def test_requests_within_max_delay_of_the_first_share_its_run():
 
     async def main():
         batcher = Batcher(model, max_batch=256, max_delay=0.5, max_queue=1000,
-                          observe=lambda size, queued: waits.append((size, queued)))
+                          observe=lambda size, queued, seconds: waits.append((size, queued)))
         first = asyncio.ensure_future(batcher(images(0, 1)))
         await asyncio.sleep(0.1)                      # within the first's 0.5 s
         second = await batcher(images(1, 2))

@@ -162,7 +162,7 @@ def test_the_readmes_curl_lines_answer_as_the_readme_says(readme_folder, server)
     predicted, inferred = answers
     assert predicted[0]["image"] == "boot.jpg" and len(predicted[0]["top"]) == 3
     assert inferred["model_name"] == "fmnist"
-    assert {o["name"]: o["shape"] for o in inferred["outputs"]} == {"logits": [1, 10], "ood_score": [1]}
+    assert {o["name"]: o["shape"] for o in inferred["outputs"]} == {"logits": [1, 10], "ood_score": [1, 1]}
 def test_what_the_readmes_examples_write_is_ignored_by_git():
     """Running the README's commands in a checkout leaves `git status` clean: every --out, --plot, --triton and
     --benchmark-json of its examples (a placeholder such as DIR aside) is ignored."""

@@ -107,8 +107,9 @@ def test_tritonclient_gets_the_logits_of_onnxruntime_in_process(server, model, i
     result = infer(triton, images[:count], binary)
     logits, scores = runtime.run(model[1], images[:count])
     assert result.as_numpy("logits").shape == (count, 10)
+    assert result.as_numpy("ood_score").shape == (count, 1)   # as Triton gives it: dims [1] (config.pbtxt)
     np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("ood_score"), scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("ood_score")[:, 0], scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -131,8 +132,50 @@ def test_model_metadata_says_names_shapes_classes_and_threshold(server, model):
     assert client(server.url).get_model_metadata("fmnist", model_version="1")["name"] == "fmnist"
 
 
+def test_config_route_is_the_repositorys_config_pbtxt_under_tritons_schema(server, exported, tmp_path):
+    """Triton's model-configuration extension: GET /v2/models/fmnist/config is the configuration that `fmnist
+    export --triton` writes to config.pbtxt, field for field, both read by Triton's own ModelConfig protobuf."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from fmnist.serve.triton import write_model_repository
+
+    served = client(server.url).get_model_config("fmnist")
+    assert client(server.url).get_model_config("fmnist", model_version="1") == served
+    written = text_format.Parse((write_model_repository(exported[0], tmp_path) / "config.pbtxt").read_text(),
+                                model_config_pb2.ModelConfig())
+    assert json_format.ParseDict(served, model_config_pb2.ModelConfig()) == written
+    assert served["max_batch_size"] == 1024 and [o["dims"] for o in served["output"]] == [[10], [1]]
+    metadata = client(server.url).get_model_metadata("fmnist")   # the shapes a client gets, as Triton says them
+    assert [o["shape"] for o in metadata["outputs"]] == [[-1, 10], [-1, 1]]
+    assert {"model_configuration", "statistics"} <= set(client(server.url).get_server_metadata()["extensions"])
+
+
+def test_statistics_count_requests_runs_and_their_time_as_triton_does(exported, images):
+    """Triton's statistics extension: per request (success, fail, and where the time went) and per run by its
+    batch size, in Triton's JSON, as perf_analyzer reads it."""
+    with running(exported[0]) as url:
+        triton = client(url)
+        for count in (1, 5, 2, 5):
+            infer(triton, images[:count], binary=True)
+        post(url + INFER, b"{}")   # refused: one failure
+        [stats] = triton.get_inference_statistics("fmnist")["model_stats"]
+    assert (stats["name"], stats["version"]) == ("fmnist", "1")
+    assert stats["inference_count"] == 13 and stats["execution_count"] == 4
+    assert stats["last_inference"] > 0
+    inference = stats["inference_stats"]
+    assert inference["fail"]["count"] == 1
+    for stage in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert inference[stage]["count"] == 4, stage
+    assert all(inference[stage]["ns"] > 0 for stage in ("success", "compute_input", "compute_infer", "compute_output"))
+    parts = sum(inference[stage]["ns"] for stage in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert parts <= inference["success"]["ns"]   # the stages lie within each request's whole time
+    assert {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]} == {1: 1, 2: 1, 5: 2}
+
+
 def test_unknown_model_and_version_are_404_with_the_protocol_error(server):
-    for path in ("/v2/models/resnet", "/v2/models/fmnist/versions/7", "/v2/models/resnet/ready"):
+    for path in ("/v2/models/resnet", "/v2/models/fmnist/versions/7", "/v2/models/resnet/ready",
+                 "/v2/models/resnet/config", "/v2/models/fmnist/versions/7/stats"):
         status, body = get(server.url + path)
         assert status == 404 and "fmnist" in json.loads(body)["error"], (path, body)
 

@@ -20,10 +20,11 @@ from starlette.routing import BaseRoute, Route
 from fmnist import FmnistError, __version__
 from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher, Overloaded
-from fmnist.serve.endpoints import Endpoints, Model
+from fmnist.serve.endpoints import MODEL, VERSION, Endpoints, Model
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.middleware import BodyTooLarge, CountRequests, LimitBody
 from fmnist.serve.protocol import ProtocolError
+from fmnist.serve.statistics import Statistics
 
 RETRY_AFTER_S = 1   # what a 503 tells a client to wait: a full queue drains in well under a second
 
@@ -41,14 +42,18 @@ class Settings:
 
 def create_app(settings: Settings) -> FastAPI:
     """The server's ASGI app. The model is loaded when it starts (its lifespan), once, not per request."""
-    metrics = Metrics()
-    endpoints = Endpoints(metrics, resources.files("fmnist.serve").joinpath("page.html").read_bytes())
+    metrics, statistics = Metrics(), Statistics(MODEL, VERSION)
+    endpoints = Endpoints(metrics, statistics, resources.files("fmnist.serve").joinpath("page.html").read_bytes())
+
+    def observe(size: int, waits: list[float], seconds: float) -> None:   # every onnxruntime run
+        metrics.observe_run(size, waits)
+        statistics.observe_run(size, waits, seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = Model(settings.onnx, settings.threads)
         batcher = Batcher(model.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue,
-                          observe=metrics.observe_run)
+                          observe=observe)
         endpoints.load(model, batcher)
         yield
         await batcher.close()
@@ -72,6 +77,10 @@ def routes(endpoints: Endpoints) -> list[BaseRoute]:
         APIRoute("/v2/models/{name}/versions/{version}", endpoints.model_metadata, methods=["GET"]),
         APIRoute("/v2/models/{name}/ready", endpoints.model_ready, methods=["GET"]),
         APIRoute("/v2/models/{name}/versions/{version}/ready", endpoints.model_ready, methods=["GET"]),
+        APIRoute("/v2/models/{name}/config", endpoints.model_config, methods=["GET"]),
+        APIRoute("/v2/models/{name}/versions/{version}/config", endpoints.model_config, methods=["GET"]),
+        APIRoute("/v2/models/{name}/stats", endpoints.model_statistics, methods=["GET"]),
+        APIRoute("/v2/models/{name}/versions/{version}/stats", endpoints.model_statistics, methods=["GET"]),
         Route("/v2/models/{name}/infer", endpoints.infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", endpoints.infer, methods=["POST"]),
         APIRoute("/predict", endpoints.predict, methods=["POST"]),

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,12 +27,20 @@ class _Waiting:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+class Timed(NamedTuple):
+    """A request's outputs, and the seconds it waited for its run and that the run took."""
+    outputs: tuple
+    queue: float
+    infer: float
+
+
 class Batcher:
     """run(images) -> tuple of output arrays, each with one row per image, called with up to max_batch images
-    (more when one request alone has more). observe(batch_size, queue_seconds) is told about every run."""
+    (more when one request alone has more). observe(batch_size, queue_seconds, run_seconds) is told about every
+    run: the batch's size, each of its requests' wait, and how long the run took."""
 
     def __init__(self, run: Callable[[np.ndarray], tuple], max_batch: int, max_delay: float, max_queue: int,
-                 observe: Callable[[int, list[float]], None] = lambda size, waits: None):
+                 observe: Callable[[int, list[float], float], None] = lambda size, waits, seconds: None):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
         self.observe = observe
         self.waiting: deque[_Waiting] = deque()
@@ -41,6 +50,10 @@ class Batcher:
 
     async def __call__(self, images: np.ndarray) -> tuple:
         """This request's outputs. Raises Overloaded when its images would not fit in the queue."""
+        return (await self.timed(images)).outputs
+
+    async def timed(self, images: np.ndarray) -> Timed:
+        """This request's outputs, with how long it waited and how long its run took."""
         if self.queued + len(images) > self.max_queue:
             raise Overloaded(f"{self.queued} images are waiting (at most {self.max_queue})")
         if self.task is None or self.task.done():   # started with the first request, again if it ever died
@@ -86,7 +99,8 @@ class Batcher:
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
             outputs = await asyncio.to_thread(self.run, images)
-            self.observe(len(images), [started - item.queued_at for item in batch])
+            ran = time.perf_counter() - started
+            self.observe(len(images), [started - item.queued_at for item in batch], ran)
         except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on
             for item in batch:
                 if not item.future.done():
@@ -96,7 +110,8 @@ class Batcher:
         for item in batch:
             end = start + len(item.images)
             if not item.future.done():
-                item.future.set_result(tuple(output[start:end] for output in outputs))
+                item.future.set_result(Timed(tuple(output[start:end] for output in outputs),
+                                             started - item.queued_at, ran))
             start = end
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ would take one as a response model and check every reply against it.
 
 import base64
 import io
+import time
 
 import numpy as np
 from fastapi import Request
@@ -17,12 +18,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from fmnist import __version__, runtime
-from fmnist.serve import protocol
-from fmnist.serve.batching import Batcher
+from fmnist.serve import protocol, triton
+from fmnist.serve.batching import Batcher, Timed
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.protocol import BINARY_HEADER, ProtocolError
+from fmnist.serve.statistics import Statistics
 
-MODEL, VERSION = "fmnist", "1"   # the model's name and only version on the /v2 routes, as in a Triton repository
+MODEL, VERSION = triton.MODEL_NAME, "1"   # the model's name and only version on the /v2 routes, as in its Triton
+                                         # repository (`fmnist export --triton`)
 
 # Limits, each with its reason. Past them a request gets a 4xx (or 503) that says which, never a dead server.
 # (The body's limit is Settings.max_body_mb, the queue's Settings.max_queue.)
@@ -43,7 +46,15 @@ class Model:
         self.input_name = image_input.name
         self.input_shape = tuple(d if isinstance(d, int) else -1 for d in image_input.shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.output_shapes = [[d if isinstance(d, int) else -1 for d in o.shape] for o in self.session.get_outputs()]
+        # Triton's configuration of the model, the one `fmnist export --triton` writes: the config route's answer,
+        # and each output's dims, which give the same shapes as Triton's (ood_score (N, 1), not the graph's (N,)).
+        self.config = triton.read_config(onnx)
+        self.output_dims = {output["name"]: output["dims"] for output in self.config["output"]}
+
+    def shaped(self, values: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        """The outputs by name, each (N, *dims) as the configuration says."""
+        return {name: value.reshape(len(value), *self.output_dims[name])
+                for name, value in zip(self.outputs, values, strict=True)}
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(self.outputs, {self.input_name: images}))
@@ -57,7 +68,7 @@ class Model:
             parameters["ood_threshold"] = self.threshold
         return {"name": MODEL, "versions": [VERSION], "platform": "onnxruntime_onnx",
                 "inputs": [tensor(self.input_name, list(self.input_shape))],
-                "outputs": [tensor(n, s) for n, s in zip(self.outputs, self.output_shapes, strict=True)],
+                "outputs": [tensor(name, [-1, *self.output_dims[name]]) for name in self.outputs],
                 "parameters": parameters}
 
 
@@ -68,8 +79,8 @@ class Endpoints:
     model: Model
     batcher: Batcher
 
-    def __init__(self, metrics: Metrics, page: bytes) -> None:
-        self.metrics, self.page = metrics, page
+    def __init__(self, metrics: Metrics, statistics: Statistics, page: bytes) -> None:
+        self.metrics, self.statistics, self.page = metrics, statistics, page
 
     def load(self, model: Model, batcher: Batcher) -> None:
         self.model, self.batcher = model, batcher
@@ -77,7 +88,8 @@ class Endpoints:
     # ---- the Open Inference Protocol (KServe v2) ------------------------------------------------------------
 
     async def server_metadata(self):
-        return {"name": "fmnist", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
+        return {"name": "fmnist", "version": __version__,
+                "extensions": ["binary_tensor_data", "classification", "model_configuration", "statistics"]}
 
     async def live(self):
         return {"live": True}
@@ -92,19 +104,39 @@ class Endpoints:
         self._model(name, version)
         return {"name": MODEL, "ready": True}
 
+    async def model_config(self, name: str, version: str | None = None):
+        """Triton's model-configuration extension: the configuration config.pbtxt holds, as Triton answers it."""
+        return self._model(name, version).config
+
+    async def model_statistics(self, name: str, version: str | None = None):
+        """Triton's statistics extension (fmnist.serve.statistics)."""
+        self._model(name, version)
+        return self.statistics.json()
+
     async def infer(self, request: Request) -> Response:
-        """A plain Starlette endpoint (see app.py): it reads its path parameters itself."""
+        """A plain Starlette endpoint (see app.py): it reads its path parameters itself. Each stage is timed for
+        the statistics extension."""
         model = self._model(request.path_params["name"], request.path_params.get("version"))
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']} is not supported; "
-                                     "send the body uncompressed")
-        inference, binary = protocol.parse_request(await request.body(), request.headers.get(BINARY_HEADER))
-        images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
-        if len(images) == 0:
-            raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
-        wanted = protocol.wanted_outputs(inference, model.outputs)
-        values = dict(zip(model.outputs, await self._classify(images), strict=True))
-        reply = protocol.inference_response(inference, wanted, values, model.classes, MODEL, VERSION)
+        arrived = time.perf_counter()
+        try:
+            if request.headers.get("content-encoding", "identity") != "identity":
+                raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']} is not "
+                                         "supported; send the body uncompressed")
+            inference, binary = protocol.parse_request(await request.body(), request.headers.get(BINARY_HEADER))
+            images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
+            if len(images) == 0:
+                raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
+            wanted = protocol.wanted_outputs(inference, model.outputs)
+            parsed = time.perf_counter()
+            timed = await self._classify(images)
+            ran = time.perf_counter()
+            reply = protocol.inference_response(inference, wanted, model.shaped(timed.outputs), model.classes,
+                                                MODEL, VERSION)
+        except Exception:
+            self.statistics.observe_request(False, time.perf_counter() - arrived)
+            raise
+        done = time.perf_counter()
+        self.statistics.observe_request(True, done - arrived, timed.queue, parsed - arrived, timed.infer, done - ran)
         return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 
     # ---- for people: /predict, the page, the metrics ----------------------------------------------------------
@@ -120,7 +152,7 @@ class Endpoints:
                                 "curl -F files=@shirt.jpg http://127.0.0.1:8000/predict")
         prepared = [await run_in_threadpool(runtime.load_image, upload.file, invert, upload.filename or "upload",
                                             MAX_PIXELS) for upload in uploads]
-        outputs = await self._classify(np.concatenate([image.input for image in prepared]))
+        outputs = (await self._classify(np.concatenate([image.input for image in prepared]))).outputs
         scores = outputs[1] if self.model.threshold is not None else None
         results = runtime.predictions_from(outputs[0], scores, self.model.classes, self.model.threshold, top)
         return [{**runtime.answer(upload.filename or "upload", image, result), "input": png_data_url(image.input)}
@@ -143,10 +175,10 @@ class Endpoints:
             raise HTTPException(404, f"model {MODEL!r} has no version {version!r}; it has {VERSION!r}")
         return self.model
 
-    async def _classify(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def _classify(self, images: np.ndarray) -> Timed:
         if len(images) > MAX_IMAGES:
             raise ProtocolError(f"{len(images)} images in one request; send at most {MAX_IMAGES} per request")
-        return await self.batcher(images)
+        return await self.batcher.timed(images)
 
 
 def png_data_url(image: np.ndarray) -> str:

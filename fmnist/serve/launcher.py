@@ -59,6 +59,9 @@ def _bindable(host: str, port: int) -> int:
     """The port, once we know it can be listened on; for port 0, the free port the system chose, which uvicorn
     then binds."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As uvicorn binds: the connections of a server just stopped (TIME_WAIT) do not hold the port, but a
+        # server listening on it does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:

@@ -62,14 +62,14 @@ def write_model_repository(onnx_path: str | Path, directory: str | Path) -> Path
         raise FmnistError(f"ONNX model {onnx_path} not found; write one with `fmnist export --onnx`")
     target = check_target(directory)
     model = onnx.load(str(onnx_path), load_external_data=False)   # fmnist's exports are one self-contained file
-    config, labels = model_config(model), "".join(f"{name}\n" for name in class_names(model))
+    text, labels = model_config(model), "".join(f"{name}\n" for name in class_names(model))
 
     made = missing_parents(target.parent)   # to remove on failure: a failed command leaves no empty folder
     tmp = target.with_name(f".{MODEL_NAME}.tmp-{os.getpid()}")
     try:
         (tmp / "1").mkdir(parents=True)
         shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
-        (tmp / "config.pbtxt").write_text(config)
+        (tmp / "config.pbtxt").write_text(text)
         (tmp / LABELS).write_text(labels)
         os.replace(tmp, target)   # replaces an empty folder; fails on one that filled up since check_target
     except OSError as e:
@@ -90,9 +90,12 @@ def class_names(model: onnx.ModelProto) -> list[str]:
     return json.loads(names)
 
 
-def model_config(model: onnx.ModelProto) -> str:
-    """Triton's config.pbtxt for the model: its inputs and outputs as the ONNX graph declares them, without the
-    batch axis (Triton adds it back: max_batch_size > 0); the first output, the logits, carries the labels."""
+def config(model: onnx.ModelProto) -> dict:
+    """Triton's ModelConfig for the model, as JSON in the field names of Triton's model_config.proto: what
+    config.pbtxt says (model_config() writes it from this) and what `fmnist serve` answers at
+    GET /v2/models/fmnist/config, as Triton does for a repository (its model-configuration extension). Inputs and
+    outputs as the ONNX graph declares them, without the batch axis (Triton adds it back: max_batch_size > 0);
+    the first output, the logits, carries the labels."""
     initializers = {t.name for t in model.graph.initializer}   # listed among the inputs by old IR versions
     inputs = [_tensor(v) for v in model.graph.input if v.name not in initializers]
     outputs = [_tensor(v) for v in model.graph.output]
@@ -101,25 +104,62 @@ def model_config(model: onnx.ModelProto) -> str:
         raise FmnistError(f"the model's first output {outputs[0][0]!r} has shape {outputs[0][2]} per image, not one "
                           f"value for each of the {len(classes)} classes in its metadata; export it again")
     meta = {p.key: p.value for p in model.metadata_props}
-
-    lines = ["# Triton model configuration for fmnist's exported model, written by `fmnist export --onnx --triton`",
-             f"# (fmnist {__version__}). Inputs and outputs are read off 1/model.onnx; see README.md, Serving.",
-             f'name: "{MODEL_NAME}"',
-             'platform: "onnxruntime_onnx"',
-             f"max_batch_size: {MAX_BATCH_SIZE}   # Triton's batch axis comes before each tensor's dims",
-             "input ["]
-    lines += [",\n".join(_entry(name, dtype, dims) for name, dtype, dims in inputs), "]", "output ["]
-    lines += [",\n".join(_entry(name, dtype, dims, labels=i == 0) for i, (name, dtype, dims) in enumerate(outputs))]
-    lines += ["]",
-              f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS} }}",
-              "# One instance on the CPU: onnxruntime already spreads one batch over every core. With a GPU, make it",
-              "# kind: KIND_GPU (Triton's onnxruntime backend then runs the model with CUDA).",
-              "instance_group [ { count: 1, kind: KIND_CPU } ]"]
+    result: dict = {
+        "name": MODEL_NAME, "platform": "onnxruntime_onnx", "max_batch_size": MAX_BATCH_SIZE,
+        "input": [_entry(name, dtype, dims) for name, dtype, dims in inputs],
+        "output": [_entry(name, dtype, dims, labels=i == 0) for i, (name, dtype, dims) in enumerate(outputs)],
+        "dynamic_batching": {"max_queue_delay_microseconds": MAX_QUEUE_DELAY_MICROSECONDS},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}]}
     if "ood_threshold" in meta and "ood_score" in [o[0] for o in outputs]:
-        lines += ["# An image whose ood_score is above this is not a Fashion-MNIST item. The model's metadata has it",
-                  "# too; clients read it at GET /v2/models/fmnist/config. Triton's onnxruntime backend ignores it.",
-                  f'parameters {{ key: "ood_threshold", value: {{ string_value: "{meta["ood_threshold"]}" }} }}']
+        result["parameters"] = {"ood_threshold": {"string_value": meta["ood_threshold"]}}
+    return result
+
+
+def read_config(onnx_path: str | Path) -> dict:
+    """config() of the exported model at `onnx_path`."""
+    return config(onnx.load(str(onnx_path), load_external_data=False))
+
+
+# What config.pbtxt says above a field, for the person who reads it.
+COMMENTS = {
+    "max_batch_size": ["Triton's batch axis comes before each tensor's dims."],
+    "instance_group": ["One instance on the CPU: onnxruntime already spreads one batch over every core. With a GPU,",
+                       "make it kind: KIND_GPU (Triton's onnxruntime backend then runs the model with CUDA)."],
+    "parameters": ["An image whose ood_score is above this is not a Fashion-MNIST item. The model's metadata has",
+                   "it too; clients read it at GET /v2/models/fmnist/config. Triton's onnxruntime backend ignores it."],
+}
+
+
+def model_config(model: onnx.ModelProto) -> str:
+    """config.pbtxt: config(model) in protobuf text format."""
+    lines = ["# Triton model configuration for fmnist's exported model, written by `fmnist export --onnx --triton`",
+             f"# (fmnist {__version__}). Inputs and outputs are read off 1/model.onnx; see README.md, Serving."]
+    for key, value in config(model).items():
+        lines += [f"# {line}" for line in COMMENTS.get(key, [])] + _text_field(key, value, "")
     return "\n".join(lines) + "\n"
+
+
+def _text_field(key: str, value: object, indent: str) -> list[str]:
+    """One field of a message in protobuf text format: a message as `key { ... }`, a repeated message as
+    `key [ {...}, {...} ]`, a repeated number as `key: [ 1, 28 ]`; the parameters map as Triton writes it."""
+    if key == "parameters":   # map<string, ModelParameter>
+        return [f"{indent}parameters {{ key: {json.dumps(k)} "
+                f"value: {{ string_value: {json.dumps(v['string_value'])} }} }}"
+                for k, v in value.items()]   # type: ignore[attr-defined]
+    if isinstance(value, dict):
+        return [f"{indent}{key} {{", *(line for k, v in value.items() for line in _text_field(k, v, indent + "  ")),
+                f"{indent}}}"]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        items = [[f"{indent}  {{", *(line for k, v in item.items() for line in _text_field(k, v, indent + "    ")),
+                  f"{indent}  }}"] for item in value]
+        return [f"{indent}{key} [", *(line for i, item in enumerate(items)
+                                      for line in item[:-1] + [item[-1] + ("," if i < len(items) - 1 else "")]),
+                f"{indent}]"]
+    if isinstance(value, list):
+        return [f"{indent}{key}: [ {', '.join(map(str, value))} ]" if value else f"{indent}{key}: [ ]"]
+    if isinstance(value, str) and not value.startswith(("TYPE_", "KIND_")):   # enums are written bare
+        value = json.dumps(value)
+    return [f"{indent}{key}: {value}"]
 
 
 def _tensor(value: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
@@ -135,11 +175,13 @@ def _tensor(value: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
     return value.name, TRITON_TYPES[element], shape[1:]
 
 
-def _entry(name: str, dtype: str, dims: list[int], labels: bool = False) -> str:
+def _entry(name: str, dtype: str, dims: list[int], labels: bool = False) -> dict:
     """One input or output. A tensor that is one value per image, (batch,) in the model, is dims [1] reshaped
     to [] for the model: Triton allows no empty dims (docs/user_guide/model_configuration.md, "Reshape"), and
     its onnxruntime backend writes such an output the same way when it completes a configuration itself."""
-    fields = [f'name: "{name}"', f"data_type: {dtype}"]
-    fields += [f"dims: [ {', '.join(map(str, dims))} ]"] if dims else ["dims: [ 1 ]", "reshape: { shape: [ ] }"]
-    fields += [f'label_filename: "{LABELS}"'] if labels else []
-    return "  {\n" + "".join(f"    {field}\n" for field in fields) + "  }"
+    entry: dict = {"name": name, "data_type": dtype, "dims": dims or [1]}
+    if not dims:
+        entry["reshape"] = {"shape": []}
+    if labels:
+        entry["label_filename"] = LABELS
+    return entry
