@@ -408,6 +408,49 @@ def test_serve_stops_cleanly_on_ctrl_c_and_names_its_url(exported):
     assert f"at {running_server.url}" in output and "stopped" in output and "Traceback" not in output
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_answers_the_request_in_flight_exits_0_and_leaves_nothing(exported, images, tmp_path, workers):
+    """SIGTERM, how Docker and Kubernetes stop a server, while a request is half sent: the server stops taking
+    new connections, answers that request in full, exits 0 as for Ctrl-C, and removes its metrics folder."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "fmnist.cli", "serve", "--onnx", str(exported[0]), "--port",
+                                str(port), "--workers", workers], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                if get(f"http://127.0.0.1:{port}/v2/health/ready")[0] == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.1)
+        if workers == "2":
+            assert list(tmp_path.glob("fmnist-metrics-*")), "the workers' metrics folder is where TMPDIR says"
+        body = v2_json(images[:3])
+        connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sendall(f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:100])
+        time.sleep(0.5)                       # the request is being read...
+        process.send_signal(signal.SIGTERM)   # ...when the signal comes
+        time.sleep(0.5)
+        connection.sendall(body[100:])
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+        connection.close()
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert [o["shape"] for o in json.loads(answer)["outputs"]] == [[3, 10], [3, 1]]
+    assert process.returncode == 0, output
+    assert "stopped" in output and "Traceback" not in output
+    assert not list(tmp_path.glob("fmnist-metrics-*")), "the metrics folder is left behind"
+
+
 def test_several_workers_share_the_port_and_the_metrics(exported, images):
     running_server = Server(exported[0], "--workers", "2")
     try:
