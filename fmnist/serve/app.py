@@ -15,12 +15,13 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from fmnist import FmnistError, __version__
 from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher, Overloaded
 from fmnist.serve.endpoints import MODEL, VERSION, Endpoints, Model
+from fmnist.serve.hotpath import InferPath
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.middleware import BodyTooLarge, CountRequests, LimitBody
 from fmnist.serve.protocol import ProtocolError
@@ -40,8 +41,9 @@ class Settings:
     threads: int = 0            # onnxruntime's intra-op threads (0: one per core)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The server's ASGI app. The model is loaded when it starts (its lifespan), once, not per request."""
+def create_app(settings: Settings) -> InferPath:
+    """The server's ASGI app: the hot path (fmnist.serve.hotpath) in front of FastAPI's app, which answers every
+    other route. The model is loaded when it starts (its lifespan), once, not per request."""
     metrics, statistics = Metrics(), Statistics(MODEL, VERSION)
     endpoints = Endpoints(metrics, statistics, resources.files("fmnist.serve").joinpath("page.html").read_bytes())
 
@@ -58,17 +60,18 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await batcher.close()
 
-    return FastAPI(title="fmnist", version=__version__, routes=routes(endpoints),
-                   exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
-                   middleware=[Middleware(CountRequests, metrics=metrics),   # the first is the outermost
-                               Middleware(LimitBody, max_body=int(settings.max_body_mb * 2**20))],
-                   docs_url=None, redoc_url=None, openapi_url=None)
+    max_body = int(settings.max_body_mb * 2**20)
+    app = FastAPI(title="fmnist", version=__version__, routes=routes(endpoints),
+                  exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
+                  middleware=[Middleware(CountRequests, metrics=metrics),   # the first is the outermost
+                              Middleware(LimitBody, max_body=max_body)],
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    return InferPath(app, endpoints, metrics, max_body, EXCEPTION_HANDLERS)   # type: ignore[arg-type]
 
 
 def routes(endpoints: Endpoints) -> list[BaseRoute]:
-    """Every route, the Open Inference Protocol's (KServe v2) first. The infer routes, the hot path, are plain
-    Starlette routes: FastAPI's parameter handling cost as much as the route's own work (cProfile,
-    bench/README.md's Serving section)."""
+    """Every route but the infer routes, the hot path, which fmnist.serve.hotpath answers ahead of FastAPI:
+    the Open Inference Protocol's (KServe v2) first."""
     return [
         APIRoute("/v2", endpoints.server_metadata, methods=["GET"]),
         APIRoute("/v2/health/live", endpoints.live, methods=["GET"]),
@@ -81,8 +84,6 @@ def routes(endpoints: Endpoints) -> list[BaseRoute]:
         APIRoute("/v2/models/{name}/versions/{version}/config", endpoints.model_config, methods=["GET"]),
         APIRoute("/v2/models/{name}/stats", endpoints.model_statistics, methods=["GET"]),
         APIRoute("/v2/models/{name}/versions/{version}/stats", endpoints.model_statistics, methods=["GET"]),
-        Route("/v2/models/{name}/infer", endpoints.infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", endpoints.infer, methods=["POST"]),
         APIRoute("/predict", endpoints.predict, methods=["POST"]),
         APIRoute("/", endpoints.index, methods=["GET"]),
         APIRoute("/metrics", endpoints.prometheus, methods=["GET"]),

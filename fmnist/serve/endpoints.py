@@ -21,7 +21,7 @@ from fmnist import __version__, runtime
 from fmnist.serve import protocol, triton
 from fmnist.serve.batching import Batcher, Timed
 from fmnist.serve.metrics import Metrics
-from fmnist.serve.protocol import BINARY_HEADER, ProtocolError
+from fmnist.serve.protocol import ProtocolError
 from fmnist.serve.statistics import Statistics
 
 MODEL, VERSION = triton.MODEL_NAME, "1"   # the model's name and only version on the /v2 routes, as in its Triton
@@ -113,16 +113,16 @@ class Endpoints:
         self._model(name, version)
         return self.statistics.json()
 
-    async def infer(self, request: Request) -> Response:
-        """A plain Starlette endpoint (see app.py): it reads its path parameters itself. Each stage is timed for
-        the statistics extension."""
-        model = self._model(request.path_params["name"], request.path_params.get("version"))
+    async def inference(self, name: str, version: str | None, body: bytes, encoding: str,
+                        header_length: str | None) -> protocol.Reply:
+        """An inference request's reply (fmnist.serve.hotpath reads the request off the ASGI messages and sends
+        this). Each stage is timed for the statistics extension."""
+        model = self._model(name, version)
         arrived = time.perf_counter()
         try:
-            if request.headers.get("content-encoding", "identity") != "identity":
-                raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']} is not "
-                                         "supported; send the body uncompressed")
-            inference, binary = protocol.parse_request(await request.body(), request.headers.get(BINARY_HEADER))
+            if encoding != "identity":
+                raise HTTPException(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
+            inference, binary = protocol.parse_request(body, header_length)
             images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
             if len(images) == 0:
                 raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
@@ -137,7 +137,7 @@ class Endpoints:
             raise
         done = time.perf_counter()
         self.statistics.observe_request(True, done - arrived, timed.queue, parsed - arrived, timed.infer, done - ran)
-        return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
+        return reply
 
     # ---- for people: /predict, the page, the metrics ----------------------------------------------------------
 

@@ -9,16 +9,16 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import uvicorn
-from fastapi import FastAPI
 
 from fmnist import FmnistError
 from fmnist.serve.app import Settings, create_app
 from fmnist.serve.endpoints import Model
+from fmnist.serve.hotpath import InferPath
 
 FACTORY = "fmnist.serve.launcher:from_environment"   # what each worker process imports and calls for its app
 
 
-def from_environment() -> FastAPI:
+def from_environment() -> InferPath:
     """The app for uvicorn's worker processes (`--workers`): settings from FMNIST_SERVE, set by `serve`."""
     return create_app(Settings(**json.loads(os.environ["FMNIST_SERVE"])))
 

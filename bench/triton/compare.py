@@ -1,0 +1,95 @@
+"""fmnist serve against a real Triton, measured with Triton's own perf_analyzer, in one run, interleaved.
+
+    bash bench/triton/setup.sh                                   # once: perf_analyzer and tritonserver (.triton/)
+    python -m bench.triton.compare export/fmnist.onnx [--rounds 3] [--requests 2000]
+
+Both servers serve the same exported model on this machine's loopback: `fmnist serve` as a user starts it
+(one process, its defaults), and tritonserver 2.51 the repository `fmnist export --triton` writes, with its
+python backend running the same model.onnx on onnxruntime (bench/triton/peer.py says why). For each load
+(single images at concurrency 1, 16 and 64; batches of 64 and of 1024 at concurrency 2) perf_analyzer measures
+one server, then the other, round after round, so that both see the same noise; the table gives each one's
+median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.triton import peer
+
+LOADS = [(1, 1), (1, 16), (1, 64), (64, 2), (1024, 2)]   # (images per request, concurrency)
+
+
+def measure(tools: peer.Tools, urls: dict[str, str], rounds: int, requests: int, protocol: str = "http",
+            loads: list[tuple[int, int]] = LOADS) -> list[dict]:
+    """For each load, each server's median round (perf_analyzer's CSV row) and the ratio."""
+    rows = []
+    for batch, concurrency in loads:
+        runs: dict[str, list[dict]] = {name: [] for name in urls}
+        count = max(requests // batch, 20)   # requests per measurement window: big batches take longer each
+        for _ in range(rounds):
+            for name, url in urls.items():   # interleaved: one, then the other, each round
+                runs[name].append(peer.perf_analyzer(tools, url, batch=batch, concurrency=concurrency,
+                                                     requests=count, protocol=protocol))
+        median = {name: sorted(r, key=lambda row: row["Inferences/Second"])[len(r) // 2] for name, r in runs.items()}
+        rows.append({"batch": batch, "concurrency": concurrency, "median": median,
+                     "spread": {name: [row["Inferences/Second"] for row in r] for name, r in runs.items()}})
+    return rows
+
+
+def table(rows: list[dict], names: tuple[str, str] = ("fmnist", "triton")) -> str:
+    ours, theirs = names
+    lines = [f"| images/request | concurrency | {ours} infer/s | {theirs} infer/s | ratio | "
+             f"{ours} p50/p90/p99 ms | {theirs} p50/p90/p99 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        a, b = row["median"][ours], row["median"][theirs]
+        latency = lambda r: "/".join(f"{r[f'p{p} latency'] / 1000:.2f}" for p in (50, 90, 99))   # noqa: E731
+        lines.append(f"| {row['batch']} | {row['concurrency']} | {a['Inferences/Second']:,.0f} | "
+                     f"{b['Inferences/Second']:,.0f} | {a['Inferences/Second'] / b['Inferences/Second']:.2f}x | "
+                     f"{latency(a)} | {latency(b)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx", help="the exported model (fmnist export --onnx)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000, help="requests in each measurement window")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    args = parser.parse_args()
+    tools = peer.tools()
+    if isinstance(tools, str):
+        raise SystemExit(tools)
+    from fmnist.serve.triton import write_model_repository
+    from tests.conftest import Server
+
+    with tempfile.TemporaryDirectory(prefix="fmnist-compare-") as folder:
+        repository = write_model_repository(args.onnx, folder).parent
+        fmnist = Server(Path(args.onnx))
+        try:
+            with peer.triton(tools, repository) as triton:
+                rows = measure(tools, {"fmnist": fmnist.url, "triton": triton.url}, args.rounds, args.requests,
+                               args.protocol)
+        finally:
+            fmnist.stop()
+    print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; the median of {args.rounds} rounds\n")
+    print(table(rows))
+    for row in rows:
+        print(f"batch {row['batch']} concurrency {row['concurrency']}: every round's infer/s "
+              + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in values)}" for name, values in row["spread"].items()))
+    ratios = [r["median"]["fmnist"]["Inferences/Second"] / r["median"]["triton"]["Inferences/Second"] for r in rows]
+    print(f"\nfmnist / Triton, the median over the loads: {statistics.median(ratios):.2f}x")
+
+
+def cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+if __name__ == "__main__":
+    main()
