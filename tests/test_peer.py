@@ -51,6 +51,16 @@ def test_perf_analyzer_batches_of_64(tools, fmnist_server):
     assert row["Inferences/Second"] > 0
 
 
+def test_perf_analyzer_against_several_workers(tools, exported):
+    """Its statistics before and after a measurement may come from different worker processes: they add up."""
+    running = Server(exported[0], "--workers", "2")
+    try:
+        row = peer.perf_analyzer(tools, running.url, batch=64, concurrency=2, requests=30)
+    finally:
+        running.stop()
+    assert row["Inferences/Second"] > 0 and row["Server Compute Infer"] > 0
+
+
 def test_perf_analyzers_random_data_is_refused_with_what_to_send(tools, fmnist_server):
     """Its default data: random bytes as float32, NaN and infinity among them. Not pixels: a 400 that says so."""
     with pytest.raises(RuntimeError, match=r"contains NaN or infinity; pixels must be numbers in \[0, 1\]"):

@@ -173,6 +173,16 @@ def test_statistics_count_requests_runs_and_their_time_as_triton_does(exported, 
     assert {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]} == {1: 1, 2: 1, 5: 2}
 
 
+def test_runs_of_few_images_on_the_one_thread_session_agree_with_the_others(exported, images):
+    from fmnist.serve.endpoints import ONE_THREAD_BELOW, Model
+
+    model = Model(str(exported[0]), threads=2)
+    assert model.small is not model.session
+    few, many = model.run(images[:3]), model.run(images[:ONE_THREAD_BELOW + 4])
+    for small, large in zip(few, many, strict=True):
+        np.testing.assert_allclose(small, large[:3], rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_model_and_version_are_404_with_the_protocol_error(server):
     for path in ("/v2/models/resnet", "/v2/models/fmnist/versions/7", "/v2/models/resnet/ready",
                  "/v2/models/resnet/config", "/v2/models/fmnist/versions/7/stats"):
@@ -459,6 +469,8 @@ def test_several_workers_share_the_port_and_the_metrics(exported, images):
         assert statuses == [200] * 40
         for _ in range(5):   # every scrape adds up both processes, whichever of them answers it
             assert parse_metrics(get(running_server.url + "/metrics")[1])["fmnist_images_total"] == 80
+            [stats] = json.loads(get(running_server.url + "/v2/models/fmnist/stats")[1])["model_stats"]
+            assert stats["inference_count"] == 80 and stats["inference_stats"]["success"]["count"] == 40
     finally:
         output = running_server.stop()
     assert "Traceback" not in output

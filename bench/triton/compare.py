@@ -59,7 +59,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000, help="requests in each measurement window")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--loads", default=",".join(f"{b}x{c}" for b, c in LOADS),
+                        help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
     args = parser.parse_args()
+    loads = [tuple(int(n) for n in load.split("x")) for load in args.loads.split(",")]
     tools = peer.tools()
     if isinstance(tools, str):
         raise SystemExit(tools)
@@ -68,14 +72,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fmnist-compare-") as folder:
         repository = write_model_repository(args.onnx, folder).parent
-        fmnist = Server(Path(args.onnx))
+        fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
         try:
             with peer.triton(tools, repository) as triton:
                 rows = measure(tools, {"fmnist": fmnist.url, "triton": triton.url}, args.rounds, args.requests,
-                               args.protocol)
+                               args.protocol, loads)   # type: ignore[arg-type]
         finally:
             fmnist.stop()
-    print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; the median of {args.rounds} rounds\n")
+    print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; fmnist serve --workers {args.workers}; "
+          f"the median of {args.rounds} rounds\n")
     print(table(rows))
     for row in rows:
         print(f"batch {row['batch']} concurrency {row['concurrency']}: every round's infer/s "

@@ -35,11 +35,20 @@ MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo
                             # a small PNG can claim billions, a decompression bomb; refused before decoding
 
 
+# Runs of fewer images than this go to a second session of one thread: a few images are over before the other
+# threads have woken (the Network and its score, 2-core Intel Xeon, idle: 35 us with one thread against 46 with
+# two at 1 image, 198 against 209 at 8; two win from 16, 315 against 352 us), and under load, when the cores
+# are busy with the requests themselves, waking them costs more (perf_analyzer, single images at concurrency 16:
+# about 1.15x the infer/s with one thread, 0.85x at batches of 64; bench/README.md, Serving).
+ONE_THREAD_BELOW = 16
+
+
 class Model:
-    """The onnxruntime session and what the routes need to know about it, loaded once per process."""
+    """The onnxruntime sessions and what the routes need to know about the model, loaded once per process."""
 
     def __init__(self, onnx: str, threads: int) -> None:
         self.session = runtime.session(onnx, threads=threads, spinning=False)
+        self.small = runtime.session(onnx, threads=1, spinning=False) if threads != 1 else self.session
         self.classes = runtime.class_names(self.session)
         self.threshold = runtime.ood_threshold(self.session)
         [image_input] = self.session.get_inputs()
@@ -57,7 +66,8 @@ class Model:
                 for name, value in zip(self.outputs, values, strict=True)}
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(self.outputs, {self.input_name: images}))
+        session = self.small if len(images) < ONE_THREAD_BELOW else self.session
+        return tuple(session.run(self.outputs, {self.input_name: images}))
 
     def metadata(self) -> dict:
         """The protocol's model metadata; `parameters` adds the class names and the out-of-distribution

@@ -51,22 +51,6 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-class ResponseOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list | None = None
-
-
-class InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[ResponseOutput]
-
-
 # ---- reading a request ---------------------------------------------------------------------------
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
@@ -116,9 +100,9 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
     size = (tensor.parameters or {}).get("binary_data_size")
     array = _binary_values(tensor, binary, size) if size is not None else _json_values(tensor, binary)
     array = array.reshape(tensor.shape).astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        raise ProtocolError(f"input {name!r}: contains NaN or infinity; pixels must be numbers in [0, 1]")
-    if array.size and (array.min() < 0 or array.max() > 1):
+    if array.size and not 0 <= array.min() <= array.max() <= 1:   # False for NaN too: one pass each, on the hot path
+        if not np.isfinite(array).all():
+            raise ProtocolError(f"input {name!r}: contains NaN or infinity; pixels must be numbers in [0, 1]")
         raise ProtocolError(f"input {name!r}: pixels must be in [0, 1] (got {array.min():g} to {array.max():g}); "
                             "divide 8-bit pixels by 255")
     return array
@@ -212,38 +196,27 @@ class Reply(NamedTuple):
 def inference_response(request: InferenceRequest, wanted: list[WantedOutput], values: dict[str, np.ndarray],
                        labels: list[str], model_name: str, model_version: str) -> Reply:
     """The reply to `request`: the `wanted` outputs of `values` (the model's outputs by name), the
-    classification extension applied where asked, as JSON, or as JSON followed by the binary tensors."""
-    outputs, tensors, binary = [], {}, {}
+    classification extension applied where asked, as JSON, or as JSON followed by the binary tensors: each
+    output whose `binary` is set goes after the JSON with its size in parameters.binary_data_size, the others
+    into its `data`. Written as plain data, not as models: this is every inference request's reply."""
+    outputs, chunks = [], []
     for name, as_binary, class_count in wanted:
         tensor = classification(values[name], class_count, labels) if class_count else values[name]
-        outputs.append(ResponseOutput(name=name, shape=list(tensor.shape), datatype="BYTES" if class_count else "FP32"))
-        tensors[name], binary[name] = tensor, as_binary
-    response = InferenceResponse(model_name=model_name, model_version=model_version, id=request.id, outputs=outputs)
-    body, header_length = encode_response(response, tensors, binary)
-    if header_length is None:
-        return Reply(body, "application/json", {})
-    return Reply(body, "application/octet-stream", {BINARY_HEADER: str(header_length)})
-
-
-def encode_response(response: InferenceResponse, tensors: dict[str, np.ndarray],
-                    binary: dict[str, bool]) -> tuple[bytes, int | None]:
-    """The response body, and the length of its JSON part when binary tensors follow it (else None).
-
-    `tensors` holds each output's values in the order of response.outputs; an output whose `binary` is True
-    goes after the JSON with its size in parameters.binary_data_size, the others into its `data`."""
-    chunks = []
-    for output in response.outputs:
-        values = tensors[output.name]
-        if binary[output.name]:
-            raw = _bytes_elements(values) if output.datatype == "BYTES" else values.astype("<f4").tobytes()
-            output.parameters = {**(output.parameters or {}), "binary_data_size": len(raw)}
+        output: dict[str, Any] = {"name": name, "shape": list(tensor.shape),
+                                  "datatype": "BYTES" if class_count else "FP32"}
+        if as_binary:
+            raw = _bytes_elements(tensor) if class_count else tensor.astype("<f4").tobytes()
+            output["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            output.data = values.reshape(-1).tolist()
-    header = response.model_dump_json(exclude_none=True).encode()
+            output["data"] = tensor.reshape(-1).tolist()
+        outputs.append(output)
+    response = {"model_name": model_name, "model_version": model_version,
+                **({"id": request.id} if request.id is not None else {}), "outputs": outputs}
+    header = json.dumps(response, separators=(",", ":")).encode()
     if not chunks:
-        return header, None
-    return header + b"".join(chunks), len(header)
+        return Reply(header, "application/json", {})
+    return Reply(header + b"".join(chunks), "application/octet-stream", {BINARY_HEADER: str(len(header))})
 
 
 def _bytes_elements(values: np.ndarray) -> bytes:
