@@ -117,3 +117,16 @@ def test_triton_loads_the_repository_as_written(triton_server, fmnist_server):
         assert {k: theirs[k] for k in ours} == ours
     assert [(g["count"], g["kind"]) for g in triton["instance_group"]] == \
         [(g["count"], g["kind"]) for g in fmnist["instance_group"]]
+
+
+def test_the_comparison_measures_both_servers_with_perf_analyzer(tools, triton_server, fmnist_server):
+    """bench/triton/compare.py, briefly: one load, one round, each server measured and the ratio written."""
+    from bench.triton import compare
+
+    rows = compare.measure(tools, {"fmnist": fmnist_server.url, "triton": triton_server.url}, rounds=1,
+                           requests=50, loads=[(1, 2)])
+    [row] = rows
+    assert row["median"]["fmnist"]["Inferences/Second"] > 0 and row["median"]["triton"]["Inferences/Second"] > 0
+    ratio = row["median"]["fmnist"]["Inferences/Second"] / row["median"]["triton"]["Inferences/Second"]
+    line = compare.table(rows).splitlines()[-1]
+    assert line.startswith("| 1 | 2 | ") and f"| {ratio:.2f}x |" in line

@@ -1,19 +1,22 @@
 """`fmnist serve`: the exported model behind an HTTP server, on onnxruntime, without torch.
 
-- The Open Inference Protocol (KServe v2) at /v2, as Triton speaks it: tritonclient.http and any client written
-  for Triton or KServe work unchanged, JSON or binary tensors.
+- The Open Inference Protocol (KServe v2) at /v2, as Triton speaks it: tritonclient.http, perf_analyzer and any
+  client written for Triton or KServe work unchanged, JSON or binary tensors; Triton's model-configuration and
+  statistics extensions too.
 - POST /predict: image files in, `fmnist predict --json`'s answer out, through the same preparation
   (fmnist.runtime.load_image), with the 28 x 28 image the network saw.
 - GET /: a page for people. GET /metrics: Prometheus' text format.
 
     app.py         create_app(settings): the routes, exception handlers, middleware and lifespan
+    hotpath.py     the infer routes answered ahead of FastAPI, from the ASGI messages
     endpoints.py   what each route does, over the model and its batcher; the limits
     protocol.py    the protocol's request and response bodies, and Triton's binary tensor extension
     batching.py    dynamic batching: concurrent requests share onnxruntime runs
     middleware.py  request metrics and the body's limit
     metrics.py     the Prometheus metrics
+    statistics.py  Triton's statistics extension
     launcher.py    serve(): the port, the worker processes, uvicorn
-    triton.py      a Triton model repository, for `fmnist export --triton`
+    triton.py      the model's Triton configuration: a repository for `fmnist export --triton`, the config route
     page.html      the page, its script and style in one file
 
 Importing this package imports none of its modules, so that `fmnist export --triton` can import
