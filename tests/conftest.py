@@ -58,8 +58,12 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = 0 if "--grpc-port" in options else free_port()   # never the default 8001: tests run beside
+        self.grpc = f"127.0.0.1:{self.grpc_port}"                         # each other
+        grpc = ["--grpc-port", str(self.grpc_port)] if self.grpc_port else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fmnist.cli", "serve", "--onnx", str(onnx), "--port", str(self.port), *options],
+            [sys.executable, "-m", "fmnist.cli", "serve", "--onnx", str(onnx), "--port", str(self.port), *grpc,
+             *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while True:

@@ -46,6 +46,11 @@ def test_perf_analyzer_drives_fmnist_serve_unchanged(tools, fmnist_server, tenso
     assert row["Server Compute Infer"] > 0 and row["Server Compute Input"] > 0
 
 
+def test_perf_analyzer_over_grpc(tools, fmnist_server):
+    row = peer.perf_analyzer(tools, fmnist_server.grpc, concurrency=2, requests=100, protocol="grpc")
+    assert row["Inferences/Second"] > 0 and row["Server Compute Infer"] > 0
+
+
 def test_perf_analyzer_batches_of_64(tools, fmnist_server):
     row = peer.perf_analyzer(tools, fmnist_server.url, batch=64, concurrency=1, requests=30)
     assert row["Inferences/Second"] > 0

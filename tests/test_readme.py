@@ -141,9 +141,13 @@ def test_the_readmes_predict_and_evaluate_run_as_written(readme_folder, monkeypa
 
 
 def test_the_readmes_python_blocks_run_as_written(readme_folder, server):
-    tutorial, client = blocks("python")
+    tutorial, over_grpc, client = blocks("python")
     loaded = subprocess.run([sys.executable, "-c", tutorial], cwd=readme_folder, capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
+    asked = subprocess.run([sys.executable, "-c", over_grpc.replace("localhost:8001", server.grpc)],
+                           capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip() == "(4, 10) (4, 1)"
     asked = subprocess.run([sys.executable, "-c", client.replace("localhost:8000", f"127.0.0.1:{server.port}")],
                            capture_output=True, text=True, timeout=60)
     assert asked.returncode == 0, asked.stderr

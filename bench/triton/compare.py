@@ -75,8 +75,9 @@ def main() -> None:
         fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
         try:
             with peer.triton(tools, repository) as triton:
-                rows = measure(tools, {"fmnist": fmnist.url, "triton": triton.url}, args.rounds, args.requests,
-                               args.protocol, loads)   # type: ignore[arg-type]
+                urls = {"fmnist": fmnist.url, "triton": triton.url} if args.protocol == "http" else \
+                    {"fmnist": fmnist.grpc, "triton": triton.grpc}
+                rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
         finally:
             fmnist.stop()
     print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; fmnist serve --workers {args.workers}; "

@@ -88,6 +88,7 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Running:
     url: str                          # http://127.0.0.1:PORT
+    grpc: str                         # 127.0.0.1:PORT
     process: subprocess.Popen
 
 
@@ -108,7 +109,7 @@ def triton(found: Tools, repository: Path, timeout: float = 120) -> Iterator[Run
         url = f"http://127.0.0.1:{http}"
         try:
             wait_ready(url, process, timeout, Path(folder) / "tritonserver.log")
-            yield Running(url, process)
+            yield Running(url, f"127.0.0.1:{grpc}", process)
         finally:
             process.terminate()
             try:

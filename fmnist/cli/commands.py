@@ -214,6 +214,8 @@ def serve_command(
     onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path("export/fmnist.onnx"),
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="TCP port of the same protocol over gRPC, as Triton's 8001; "
+                                           "0: none.")] = 8001,
     workers: Annotated[int, typer.Option(help="Server processes, each with its share of the cores.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Most images in one onnxruntime run, from requests that arrive "
                                            "together (dynamic batching); 1 turns it off.")] = 256,
@@ -227,8 +229,9 @@ def serve_command(
         from fmnist.serve.launcher import serve
     except ImportError as e:
         raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
-    settings = Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb)
-    serve(settings, host, port, workers, on_start=console.serving(onnx, host))
+    settings = Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb,
+                        grpc_port=grpc_port)
+    serve(settings, host, port, workers, on_start=console.serving(onnx, host, grpc_port))
     console.say("stopped")
 
 

@@ -212,11 +212,12 @@ def print_prediction(prediction: dict, asked: bool) -> None:
     out.print(line, highlight=False, soft_wrap=True)
 
 
-def serving(onnx: Path, host: str):
+def serving(onnx: Path, host: str, grpc_port: int = 0):
     """The line `fmnist serve` prints once it listens, as a callback of the port it got."""
     address = f"[{host}]" if ":" in host else host
-    return lambda port: say(f"serving {onnx} at http://{address}:{port}  (the page at /, KServe v2 at /v2, metrics "
-                            "at /metrics; Ctrl-C stops it)")
+    grpc = f", gRPC at {address}:{grpc_port}" if grpc_port else ""
+    return lambda port: say(f"serving {onnx} at http://{address}:{port}  (the page at /, KServe v2 at /v2{grpc}, "
+                            "metrics at /metrics; Ctrl-C stops it)")
 
 
 # ---- fmnist sweep ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
     app.py         create_app(settings): the routes, exception handlers, middleware and lifespan
     hotpath.py     the infer routes answered ahead of FastAPI, from the ASGI messages
+    rpc.py         the same protocol over gRPC (--grpc-port), on tritonclient's generated code
     endpoints.py   what each route does, over the model and its batcher; the limits
     protocol.py    the protocol's request and response bodies, and Triton's binary tensor extension
     batching.py    dynamic batching: concurrent requests share onnxruntime runs

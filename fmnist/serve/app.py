@@ -39,12 +39,15 @@ class Settings:
     max_queue: int = 16384      # images waiting for a run; past that, 503: bounded memory under overload
     max_body_mb: float = 32.0   # request body; past that, 413
     threads: int = 0            # onnxruntime's intra-op threads (0: one per core)
+    host: str = "127.0.0.1"     # where the gRPC server listens, beside the REST one
+    grpc_port: int = 0          # the Open Inference Protocol over gRPC (fmnist.serve.rpc); 0: none
 
 
 def create_app(settings: Settings) -> InferPath:
     """The server's ASGI app: the hot path (fmnist.serve.hotpath) in front of FastAPI's app, which answers every
     other route. The model is loaded when it starts (its lifespan), once, not per request."""
     metrics, statistics = Metrics(), Statistics(MODEL, VERSION)
+    max_body = int(settings.max_body_mb * 2**20)
     endpoints = Endpoints(metrics, statistics, resources.files("fmnist.serve").joinpath("page.html").read_bytes())
 
     def observe(size: int, waits: list[float], seconds: float) -> None:   # every onnxruntime run
@@ -57,10 +60,16 @@ def create_app(settings: Settings) -> InferPath:
         batcher = Batcher(model.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue,
                           observe=observe)
         endpoints.load(model, batcher)
+        grpc_server = None
+        if settings.grpc_port:   # imported only here: without gRPC, the server needs neither grpcio nor tritonclient
+            from fmnist.serve import rpc
+
+            grpc_server = await rpc.start(endpoints, metrics, settings.host, settings.grpc_port, max_body)
         yield
+        if grpc_server is not None:   # new calls get UNAVAILABLE; those under way have 5 s to finish
+            await grpc_server.stop(5)
         await batcher.close()
 
-    max_body = int(settings.max_body_mb * 2**20)
     app = FastAPI(title="fmnist", version=__version__, routes=routes(endpoints),
                   exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                   middleware=[Middleware(CountRequests, metrics=metrics),   # the first is the outermost

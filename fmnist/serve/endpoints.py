@@ -9,6 +9,8 @@ would take one as a response model and check every reply against it.
 import base64
 import io
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from fastapi import Request
@@ -24,6 +26,7 @@ from fmnist.serve.metrics import Metrics
 from fmnist.serve.protocol import ProtocolError
 from fmnist.serve.statistics import Statistics
 
+R = TypeVar("R")
 MODEL, VERSION = triton.MODEL_NAME, "1"   # the model's name and only version on the /v2 routes, as in its Triton
                                          # repository (`fmnist export --triton`)
 
@@ -125,14 +128,29 @@ class Endpoints:
 
     async def inference(self, name: str, version: str | None, body: bytes, encoding: str,
                         header_length: str | None) -> protocol.Reply:
-        """An inference request's reply (fmnist.serve.hotpath reads the request off the ASGI messages and sends
-        this). Each stage is timed for the statistics extension."""
+        """A REST inference request's reply (fmnist.serve.hotpath reads the request off the ASGI messages and
+        sends this)."""
+        def parse() -> tuple[protocol.InferenceRequest, bytes]:
+            if encoding != "identity":
+                raise HTTPException(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
+            return protocol.parse_request(body, header_length)
+
+        def reply(inference, wanted, values):
+            return protocol.inference_response(inference, wanted, values, self.model.classes, MODEL, VERSION)
+
+        return await self.infer_with(name, version, parse, reply)
+
+    async def infer_with(self, name: str, version: str | None,
+                         parse: Callable[[], tuple[protocol.InferenceRequest, bytes]],
+                         reply: Callable[[protocol.InferenceRequest, list[protocol.WantedOutput],
+                                          dict[str, np.ndarray]], R]) -> R:
+        """An inference request over either transport: `parse` gives the protocol's request and its binary
+        bytes (REST's body, or gRPC's message in the same form), `reply` writes the answer. The same checks,
+        batcher and statistics for both; each stage timed for the statistics extension."""
         model = self._model(name, version)
         arrived = time.perf_counter()
         try:
-            if encoding != "identity":
-                raise HTTPException(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
-            inference, binary = protocol.parse_request(body, header_length)
+            inference, binary = parse()
             images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
             if len(images) == 0:
                 raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
@@ -140,14 +158,13 @@ class Endpoints:
             parsed = time.perf_counter()
             timed = await self._classify(images)
             ran = time.perf_counter()
-            reply = protocol.inference_response(inference, wanted, model.shaped(timed.outputs), model.classes,
-                                                MODEL, VERSION)
+            answer = reply(inference, wanted, model.shaped(timed.outputs))
         except Exception:
             self.statistics.observe_request(False, time.perf_counter() - arrived)
             raise
         done = time.perf_counter()
         self.statistics.observe_request(True, done - arrived, timed.queue, parsed - arrived, timed.infer, done - ran)
-        return reply
+        return answer
 
     # ---- for people: /predict, the page, the metrics ----------------------------------------------------------
 

@@ -32,6 +32,9 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
     _check(settings, port, workers)
     Model(settings.onnx, settings.threads)   # fails with one line, before the server starts, if it cannot serve
     port = _bindable(host, port)
+    if settings.grpc_port:
+        _bindable(host, settings.grpc_port, "--grpc-port")
+    settings = replace(settings, host=host)
     if settings.threads == 0:
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // workers))
     os.environ["FMNIST_SERVE"] = json.dumps(asdict(settings))
@@ -51,11 +54,13 @@ def _check(settings: Settings, port: int, workers: int) -> None:
             raise FmnistError(f"{name} {value}: must be {least} or more")
     if not 0 <= port <= 65535:
         raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
+    if not 0 <= settings.grpc_port <= 65535:
+        raise FmnistError(f"--grpc-port {settings.grpc_port}: must be 0 to 65535 (0: no gRPC)")
     if settings.max_delay_ms < 0 or settings.max_body_mb <= 0:
         raise FmnistError("--max-delay-ms must be 0 or more and --max-body-mb more than 0")
 
 
-def _bindable(host: str, port: int) -> int:
+def _bindable(host: str, port: int, option: str = "--port") -> int:
     """The port, once we know it can be listened on; for port 0, the free port the system chose, which uvicorn
     then binds."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -65,6 +70,6 @@ def _bindable(host: str, port: int) -> int:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise FmnistError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
+            raise FmnistError(f"cannot listen on {host}:{port} ({e.strerror}); choose another {option} or --host") \
                 from None
         return probe.getsockname()[1]

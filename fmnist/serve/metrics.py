@@ -27,7 +27,7 @@ class Metrics:
         self.queue = Histogram("fmnist_queue_seconds", "Time a request waited for its onnxruntime run.",
                                registry=self.registry, buckets=QUEUE_SECONDS)
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(self, endpoint: str, status: int | str, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 

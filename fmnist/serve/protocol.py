@@ -205,7 +205,7 @@ def inference_response(request: InferenceRequest, wanted: list[WantedOutput], va
         output: dict[str, Any] = {"name": name, "shape": list(tensor.shape),
                                   "datatype": "BYTES" if class_count else "FP32"}
         if as_binary:
-            raw = _bytes_elements(tensor) if class_count else tensor.astype("<f4").tobytes()
+            raw = bytes_elements(tensor) if class_count else tensor.astype("<f4").tobytes()
             output["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -219,7 +219,7 @@ def inference_response(request: InferenceRequest, wanted: list[WantedOutput], va
     return Reply(header + b"".join(chunks), "application/octet-stream", {BINARY_HEADER: str(len(header))})
 
 
-def _bytes_elements(values: np.ndarray) -> bytes:
+def bytes_elements(values: np.ndarray) -> bytes:
     """BYTES tensors on the wire: each element as a 4-byte little-endian length, then its bytes."""
     parts = []
     for item in values.reshape(-1):

@@ -1,0 +1,154 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, as Triton and KServe serve it on port
+8001, in the same process, event loop, batcher, limits, statistics and metrics as the REST routes.
+
+The messages and the service are the generated code that tritonclient ships (tritonclient.grpc.service_pb2 and
+service_pb2_grpc, compiled from Triton's own grpc_service.proto): the same definitions tritonclient.grpc and
+perf_analyzer are built from, so the two sides cannot drift; no protobuf is parsed by hand here. Each RPC turns
+its message into the protocol's request (fmnist.serve.protocol), so that REST and gRPC make the same checks with
+the same words; a refusal is a gRPC status: INVALID_ARGUMENT where REST says 400, NOT_FOUND for 404,
+RESOURCE_EXHAUSTED for a full queue (and, from gRPC itself, for a message over --max-body-mb).
+"""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from starlette.exceptions import HTTPException
+from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
+
+from fmnist import FmnistError, __version__
+from fmnist.serve import protocol
+from fmnist.serve.batching import Overloaded
+from fmnist.serve.endpoints import MODEL, VERSION, Endpoints
+from fmnist.serve.metrics import Metrics
+from fmnist.serve.protocol import ProtocolError, RequestInput, RequestOutput
+
+# The typed `contents` field that holds each datatype's values, when a client sends them that way.
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents"}
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
+
+
+def request_of(message: pb.ModelInferRequest) -> tuple[protocol.InferenceRequest, bytes]:
+    """The protocol's request for a gRPC ModelInferRequest, and the raw bytes of its input: what REST's
+    binary extension would have sent."""
+    raw = list(message.raw_input_contents)
+    if raw and len(raw) != len(message.inputs):
+        raise ProtocolError(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: send one for each input")
+    inputs = []
+    for i, tensor in enumerate(message.inputs):
+        entry: dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype}
+        if raw:
+            entry["parameters"] = {"binary_data_size": len(raw[i])}
+        elif tensor.datatype in CONTENTS and tensor.HasField("contents"):
+            entry["data"] = list(getattr(tensor.contents, CONTENTS[tensor.datatype]))
+        inputs.append(RequestInput(**entry))
+    outputs = None
+    if message.outputs:
+        outputs = [RequestOutput(name=output.name, parameters={"classification": output.parameters["classification"]
+                                                               .int64_param} if "classification" in output.parameters
+                                 else None) for output in message.outputs]
+    request = protocol.InferenceRequest(id=message.id or None, inputs=inputs, outputs=outputs)
+    return request, b"".join(raw)
+
+
+def response_of(request: protocol.InferenceRequest, wanted: list[protocol.WantedOutput],
+                values: dict[str, np.ndarray], labels: list[str]) -> pb.ModelInferResponse:
+    """The ModelInferResponse: every output's bytes in raw_output_contents, as tritonclient reads them."""
+    response = pb.ModelInferResponse(model_name=MODEL, model_version=VERSION, id=request.id or "")
+    for name, _, class_count in wanted:
+        tensor = protocol.classification(values[name], class_count, labels) if class_count else values[name]
+        response.outputs.add(name=name, datatype="BYTES" if class_count else "FP32", shape=list(tensor.shape))
+        response.raw_output_contents.append(protocol.bytes_elements(tensor) if class_count
+                                            else tensor.astype("<f4").tobytes())
+    return response
+
+
+class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The RPCs fmnist answers; the rest (shared memory, repository control, traces) answer UNIMPLEMENTED."""
+
+    def __init__(self, endpoints: Endpoints, metrics: Metrics) -> None:
+        self.endpoints, self.metrics = endpoints, metrics
+
+    async def ServerLive(self, request, context):
+        return await self._counted("ServerLive", context, lambda: _value(pb.ServerLiveResponse(live=True)))
+
+    async def ServerReady(self, request, context):
+        return await self._counted("ServerReady", context, lambda: _value(
+            pb.ServerReadyResponse(ready=hasattr(self.endpoints, "model"))))
+
+    async def ServerMetadata(self, request, context):
+        return await self._counted("ServerMetadata", context, lambda: _value(
+            pb.ServerMetadataResponse(name="fmnist", version=__version__, extensions=EXTENSIONS)))
+
+    async def ModelReady(self, request, context):
+        async def ready():
+            self.endpoints._model(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=True)
+        return await self._counted("ModelReady", context, ready)
+
+    async def ModelMetadata(self, request, context):
+        async def metadata():
+            return json_format.ParseDict(self._metadata(request), pb.ModelMetadataResponse())
+        return await self._counted("ModelMetadata", context, metadata)
+
+    async def ModelConfig(self, request, context):
+        async def config():
+            model = self.endpoints._model(request.name, request.version or None)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(model.config, model_config_pb2.ModelConfig()))
+        return await self._counted("ModelConfig", context, config)
+
+    async def ModelStatistics(self, request, context):
+        async def statistics():
+            self.endpoints._model(request.name, request.version or None)
+            return json_format.ParseDict(self.endpoints.statistics.json(), pb.ModelStatisticsResponse())
+        return await self._counted("ModelStatistics", context, statistics)
+
+    async def ModelInfer(self, request, context):
+        def reply(inference, wanted, values):
+            return response_of(inference, wanted, values, self.endpoints.model.classes)
+        return await self._counted("ModelInfer", context, lambda: self.endpoints.infer_with(
+            request.model_name, request.model_version or None, lambda: request_of(request), reply))
+
+    def _metadata(self, request) -> dict:
+        metadata = self.endpoints._model(request.name, request.version or None).metadata()
+        return {key: value for key, value in metadata.items() if key != "parameters"}   # gRPC's has no parameters
+
+    async def _counted(self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable]):
+        """The RPC's answer, its refusal as a gRPC status with REST's message, and its count in the metrics."""
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await answer()
+        except (ProtocolError, FmnistError) as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except HTTPException as e:
+            code = grpc.StatusCode.NOT_FOUND if e.status_code == 404 else grpc.StatusCode.INVALID_ARGUMENT
+            message = str(e.detail)
+        except Overloaded as e:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is overloaded ({e}); retry shortly"
+        except Exception as e:   # a bug of fmnist: logged with its traceback, one line to the client
+            logging.getLogger("fmnist.serve").exception("error answering gRPC %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has " \
+                "the details"
+        finally:
+            self.metrics.observe_request(f"grpc {method}", code.name, time.perf_counter() - start)
+        await context.abort(code, message)
+
+
+async def _value(message):
+    return message
+
+
+async def start(endpoints: Endpoints, metrics: Metrics, host: str, port: int, max_message: int) -> grpc.aio.Server:
+    """The gRPC server on host:port, started."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
+                                      ("grpc.max_send_message_length", max_message)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(endpoints, metrics), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise FmnistError(f"cannot listen for gRPC on {address}; choose another --grpc-port (0: no gRPC)")
+    await server.start()
+    return server
