@@ -160,12 +160,29 @@ def test_a_message_over_the_limit_is_resource_exhausted(server):
     assert infer(server.grpc, images[:600]).as_numpy("logits").shape == (600, 10)
 
 
-def test_grpc_port_0_serves_rest_alone(exported):
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on, from /proc: its sockets' inodes among the listening ones."""
+    import os
+
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:   # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_grpc_listens_beside_rest_and_port_0_turns_it_off(exported, server):
+    assert listening_ports(server.process.pid) == {server.port, server.grpc_port}
     running = Server(exported[0], "--grpc-port", "0")
     try:
-        assert "gRPC" not in running.stop()
+        assert listening_ports(running.process.pid) == {running.port}
     finally:
-        running.stop()
+        output = running.stop()
+    assert "gRPC" not in output
 
 
 def test_a_grpc_port_in_use_is_one_line(exported):

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import free_port
+
 HERE = Path(__file__).parent
 VENV = Path(os.environ.get("FMNIST_TRITON_VENV", HERE.parent.parent / ".triton"))
 SITE = VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -75,14 +77,6 @@ def python_backend_repository(repository: Path, into: Path) -> Path:
     utils = backend / "triton_python_backend_utils.py"
     utils.write_text(f"import sys\nsys.path.insert(0, {str(SITE)!r})\n" + utils.read_text())
     return target
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> InferPath:
                   middleware=[Middleware(CountRequests, metrics=metrics),   # the first is the outermost
                               Middleware(LimitBody, max_body=max_body)],
                   docs_url=None, redoc_url=None, openapi_url=None)
-    return InferPath(app, endpoints, metrics, max_body, EXCEPTION_HANDLERS)   # type: ignore[arg-type]
+    return InferPath(app, endpoints, metrics, max_body, EXCEPTION_HANDLERS)
 
 
 def routes(endpoints: Endpoints) -> list[BaseRoute]:

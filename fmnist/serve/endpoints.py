@@ -111,19 +111,19 @@ class Endpoints:
         return {"ready": hasattr(self, "model")}
 
     async def model_metadata(self, name: str, version: str | None = None):
-        return self._model(name, version).metadata()
+        return self.named_model(name, version).metadata()
 
     async def model_ready(self, name: str, version: str | None = None):
-        self._model(name, version)
+        self.named_model(name, version)
         return {"name": MODEL, "ready": True}
 
     async def model_config(self, name: str, version: str | None = None):
         """Triton's model-configuration extension: the configuration config.pbtxt holds, as Triton answers it."""
-        return self._model(name, version).config
+        return self.named_model(name, version).config
 
     async def model_statistics(self, name: str, version: str | None = None):
         """Triton's statistics extension (fmnist.serve.statistics)."""
-        self._model(name, version)
+        self.named_model(name, version)
         return self.statistics.json()
 
     async def inference(self, name: str, version: str | None, body: bytes, encoding: str,
@@ -147,7 +147,7 @@ class Endpoints:
         """An inference request over either transport: `parse` gives the protocol's request and its binary
         bytes (REST's body, or gRPC's message in the same form), `reply` writes the answer. The same checks,
         batcher and statistics for both; each stage timed for the statistics extension."""
-        model = self._model(name, version)
+        model = self.named_model(name, version)
         arrived = time.perf_counter()
         try:
             inference, binary = parse()
@@ -194,7 +194,7 @@ class Endpoints:
 
     # ---- shared by the routes --------------------------------------------------------------------------------
 
-    def _model(self, name: str, version: str | None) -> Model:
+    def named_model(self, name: str, version: str | None) -> Model:
         """The model a /v2 path names: 404 for any other name or version."""
         if name != MODEL:
             raise HTTPException(404, f"unknown model {name!r}: this server serves {MODEL!r}")

@@ -8,7 +8,7 @@ limit, errors, metrics and statistics as every other route; everything else goes
 """
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -22,6 +22,7 @@ from fmnist.serve.protocol import BINARY_HEADER
 
 ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")   # as the metrics name them
 Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+BINARY_KEY = BINARY_HEADER.lower().encode()   # as ASGI gives header names
 
 
 def infer_path(path: str) -> tuple[str, str | None, str] | None:
@@ -41,7 +42,7 @@ class InferPath:
     is answered by the app's own exception handlers (`handlers`, app.py's), so it reads as on any route."""
 
     def __init__(self, app: ASGIApp, endpoints: Endpoints, metrics: Metrics, max_body: int,
-                 handlers: dict[type[Exception], Handler]) -> None:
+                 handlers: Mapping[Any, Handler]) -> None:
         self.app, self.endpoints, self.metrics = app, endpoints, metrics
         self.max_body, self.handlers = max_body, handlers
 
@@ -54,7 +55,7 @@ class InferPath:
         try:
             body = await read_body(receive, headers.get(b"content-length"), self.max_body)
             encoding = headers.get(b"content-encoding", b"identity").decode("latin-1")
-            header_length = headers.get(BINARY_HEADER.lower().encode())
+            header_length = headers.get(BINARY_KEY)
             reply = await self.endpoints.inference(name, version, body, encoding,
                                                    header_length.decode("latin-1") if header_length else None)
         except ClientDisconnect:   # gone before its body was read: nobody to answer, nothing run

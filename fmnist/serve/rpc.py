@@ -86,7 +86,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def ready():
-            self.endpoints._model(request.name, request.version or None)
+            self.endpoints.named_model(request.name, request.version or None)
             return pb.ModelReadyResponse(ready=True)
         return await self._counted("ModelReady", context, ready)
 
@@ -97,13 +97,13 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def config():
-            model = self.endpoints._model(request.name, request.version or None)
+            model = self.endpoints.named_model(request.name, request.version or None)
             return pb.ModelConfigResponse(config=json_format.ParseDict(model.config, model_config_pb2.ModelConfig()))
         return await self._counted("ModelConfig", context, config)
 
     async def ModelStatistics(self, request, context):
         async def statistics():
-            self.endpoints._model(request.name, request.version or None)
+            self.endpoints.named_model(request.name, request.version or None)
             return json_format.ParseDict(self.endpoints.statistics.json(), pb.ModelStatisticsResponse())
         return await self._counted("ModelStatistics", context, statistics)
 
@@ -114,7 +114,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             request.model_name, request.model_version or None, lambda: request_of(request), reply))
 
     def _metadata(self, request) -> dict:
-        metadata = self.endpoints._model(request.name, request.version or None).metadata()
+        metadata = self.endpoints.named_model(request.name, request.version or None).metadata()
         return {key: value for key, value in metadata.items() if key != "parameters"}   # gRPC's has no parameters
 
     async def _counted(self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable]):

@@ -22,6 +22,7 @@ MAX_BATCH = 4096     # the most images in one run by default (one request's at m
 # The array: [inference_count, execution_count, last_inference], then each stage's count and ns, then each batch
 # size's compute_infer count and ns.
 STAGE_AT, BATCH_AT = 3, 3 + 2 * len(STAGES)
+AT = {stage: STAGE_AT + 2 * i for i, stage in enumerate(STAGES)}   # each stage's count; its ns follows
 SIZE = BATCH_AT + 2 * (MAX_BATCH + 1)
 
 
@@ -52,7 +53,7 @@ class Statistics:
         stages = (("success", total), ("queue", queue), ("compute_input", parse), ("compute_infer", infer),
                   ("compute_output", reply)) if ok else (("fail", total),)
         for stage, seconds in stages:
-            at = STAGE_AT + 2 * STAGES.index(stage)
+            at = AT[stage]
             self.counts[at] += 1
             self.counts[at + 1] += int(seconds * 1e9)
 
@@ -76,5 +77,5 @@ class Statistics:
         return {"model_stats": [{
             "name": self.name, "version": self.version, "last_inference": counts[2],
             "inference_count": counts[0], "execution_count": counts[1],
-            "inference_stats": {stage: duration(STAGE_AT + 2 * i) for i, stage in enumerate(STAGES)},
+            "inference_stats": {stage: duration(at) for stage, at in AT.items()},
             "batch_stats": batches}]}
