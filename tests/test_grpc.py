@@ -210,3 +210,55 @@ def test_grpc_calls_are_counted_in_the_metrics_by_method_and_status(exported, im
     assert 'fmnist_requests_total{endpoint="grpc ModelInfer",status="OK"} 1.0' in metrics
     assert 'fmnist_requests_total{endpoint="grpc ModelInfer",status="INVALID_ARGUMENT"} 1.0' in metrics
     assert "fmnist_images_total 2.0" in metrics
+
+
+def test_random_and_nearly_valid_messages_never_crash_the_server(server, images):
+    """hypothesis: messages near a good one (any name, datatype, shape and raw bytes; outputs asked for by any
+    name and class count) get OK or a client's status, never INTERNAL or UNKNOWN; a good request works after."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    answered = set()
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(name=st.sampled_from(["images", "pixels", ""]) | st.text(max_size=8),
+               datatype=st.sampled_from(["FP32", "FP64", "UINT8", "INT32", "BYTES", ""]),
+               shape=st.lists(st.integers(-2, 3), max_size=5) | st.just([1, 1, 28, 28]),
+               raw=st.binary(max_size=64) | st.just(images[:1].tobytes()) | st.just(b""),
+               model=st.sampled_from(["fmnist", "fmnist", "other"]),
+               output=st.none() | st.tuples(st.sampled_from(["logits", "ood_score", "x"]), st.integers(-1, 20)))
+        def check(name, datatype, shape, raw, model, output):
+            request = service_pb2.ModelInferRequest(model_name=model)
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            if raw:
+                request.raw_input_contents.append(raw)
+            if output is not None:
+                wanted = request.outputs.add(name=output[0])
+                if output[1] >= 0:
+                    wanted.parameters["classification"].int64_param = output[1]
+            try:
+                stub.ModelInfer(request, timeout=30)
+                answered.add(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), e.details()
+                answered.add(e.code())
+
+        check()
+    assert grpc.StatusCode.INVALID_ARGUMENT in answered
+    assert infer(server.grpc, images[:1]).as_numpy("logits").shape == (1, 10)
+
+
+def test_a_client_that_cancels_mid_call_harms_no_other_request(server, exported, images):
+    many = np.repeat(images[:100], 6, axis=0)   # 600 images: a run long enough to cancel while it is under way
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(bad(many)) for _ in range(8)]
+        kept = stub.ModelInfer.future(bad(images[:5]))
+        for call in calls:
+            call.cancel()
+        assert all(call.cancelled() or call.done() for call in calls)
+        result = kept.result(timeout=60)
+    logits = np.frombuffer(result.raw_output_contents[0], "<f4").reshape(5, 10)
+    np.testing.assert_allclose(logits, runtime.run(runtime.session(exported[0]), images[:5])[0], rtol=0, atol=1e-5)
+    assert infer(server.grpc, images[:1]).as_numpy("logits").shape == (1, 10)
