@@ -192,3 +192,24 @@ def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers():
     assert str(first) == "the model ran out of memory"
     np.testing.assert_array_equal(scores, [20])
     assert model.sizes == [3, 1]
+
+
+def test_runs_under_inline_below_run_on_the_event_loop_and_the_others_in_a_worker_thread():
+    """The hand-off to a thread costs more than a run of a few images (bench/README.md, Serving), so those run
+    on the loop's own thread; a run at or over the bound still goes to a worker, and each gets its own rows."""
+    threads: list[tuple[int, int]] = []
+
+    def model(batch: np.ndarray) -> tuple[np.ndarray]:
+        threads.append((len(batch), threading.get_ident()))
+        return (batch[:, 0, 0, 0] * 2,)
+
+    async def main():
+        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000, inline_below=4)
+        answers = [await batcher(images(first, count)) for first, count in ((0, 3), (10, 4), (20, 1))]
+        await batcher.close()
+        return threading.get_ident(), answers
+
+    loop_thread, answers = asyncio.run(main())
+    assert [(size, thread == loop_thread) for size, thread in threads] == [(3, True), (4, False), (1, True)]
+    for (first, count), (doubled,) in zip(((0, 3), (10, 4), (20, 1)), answers, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * np.arange(first, first + count, dtype=np.float32))

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute
 from fmnist import FmnistError, __version__
 from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher, Overloaded
-from fmnist.serve.endpoints import MODEL, VERSION, Endpoints, Model
+from fmnist.serve.endpoints import MODEL, ONE_THREAD_BELOW, VERSION, Endpoints, Model
 from fmnist.serve.hotpath import InferPath
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.middleware import BodyTooLarge, CountRequests, LimitBody
@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> InferPath:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = Model(settings.onnx, settings.threads)
         batcher = Batcher(model.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue,
-                          observe=observe)
+                          observe=observe, inline_below=ONE_THREAD_BELOW)   # the one-thread session's runs
         endpoints.load(model, batcher)
         grpc_server = None
         if settings.grpc_port:   # imported only here: without gRPC, the server needs neither grpcio nor tritonclient

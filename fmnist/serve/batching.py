@@ -4,6 +4,8 @@ Each request puts its images in a queue and awaits its own slice of the outputs.
 queued, up to `max_batch` images, waiting at most `max_delay` seconds after the first for more to arrive, and
 runs the model once on all of them in a worker thread, so the event loop keeps reading requests meanwhile.
 With max_delay 0 nothing waits: requests that queued while the previous run was busy still go together.
+A run of fewer than `inline_below` images runs on the event loop itself: it is over sooner than a hand-off to
+a worker thread and back (bench/README.md, Serving).
 """
 
 import asyncio
@@ -37,12 +39,14 @@ class Timed(NamedTuple):
 class Batcher:
     """run(images) -> tuple of output arrays, each with one row per image, called with up to max_batch images
     (more when one request alone has more). observe(batch_size, queue_seconds, run_seconds) is told about every
-    run: the batch's size, each of its requests' wait, and how long the run took."""
+    run: the batch's size, each of its requests' wait, and how long the run took. Runs of fewer than inline_below
+    images are run on the event loop's thread, the others in a worker thread."""
 
     def __init__(self, run: Callable[[np.ndarray], tuple], max_batch: int, max_delay: float, max_queue: int,
-                 observe: Callable[[int, list[float], float], None] = lambda size, waits, seconds: None):
+                 observe: Callable[[int, list[float], float], None] = lambda size, waits, seconds: None,
+                 inline_below: int = 0):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
-        self.observe = observe
+        self.observe, self.inline_below = observe, inline_below
         self.waiting: deque[_Waiting] = deque()
         self.queued = 0                  # images in the queue
         self.arrived = asyncio.Event()
@@ -98,7 +102,8 @@ class Batcher:
         started = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
-            outputs = await asyncio.to_thread(self.run, images)
+            outputs = self.run(images) if len(images) < self.inline_below else \
+                await asyncio.to_thread(self.run, images)
             ran = time.perf_counter() - started
             self.observe(len(images), [started - item.queued_at for item in batch], ran)
         except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on

@@ -3,6 +3,7 @@ multiprocess mode (the PROMETHEUS_MULTIPROC_DIR that `fmnist serve --workers` se
 scrape."""
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
@@ -26,10 +27,17 @@ class Metrics:
                                buckets=BATCH_IMAGES)
         self.queue = Histogram("fmnist_queue_seconds", "Time a request waited for its onnxruntime run.",
                                registry=self.registry, buckets=QUEUE_SECONDS)
+        # Each (route, status)'s counter and histogram, looked up once: labels() checks and locks on every call,
+        # a sizeable part of a single image's Python (routes and statuses are few, so this stays small).
+        self._children: dict[tuple[str, int | str], tuple[Any, Any]] = {}
 
     def observe_request(self, endpoint: str, status: int | str, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        children = self._children.get((endpoint, status))
+        if children is None:
+            children = self._children[endpoint, status] = (self.requests.labels(endpoint, str(status)),
+                                                            self.latency.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_run(self, size: int, waits: list[float]) -> None:
         self.images.inc(size)
