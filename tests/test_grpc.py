@@ -2,6 +2,7 @@
 in-process and to the REST routes', and every bad request a gRPC status with REST's own message."""
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -262,3 +263,54 @@ def test_a_client_that_cancels_mid_call_harms_no_other_request(server, exported,
     logits = np.frombuffer(result.raw_output_contents[0], "<f4").reshape(5, 10)
     np.testing.assert_allclose(logits, runtime.run(runtime.session(exported[0]), images[:5])[0], rtol=0, atol=1e-5)
     assert infer(server.grpc, images[:1]).as_numpy("logits").shape == (1, 10)
+
+
+def test_shutdown_lets_calls_under_way_finish_and_refuses_new_ones_as_unavailable(exported, images):
+    """SIGTERM while four clients keep calling: every call is answered in full or refused with UNAVAILABLE and
+    the words "shutting down" (never CANCELLED, INTERNAL or a hang), the calls under way when it stops still get
+    their logits, and the server exits cleanly."""
+    import signal
+    import threading
+
+    running = Server(exported[0])
+    many = np.repeat(images, 2, axis=0)   # 600 images: runs long enough to be under way when the server stops
+    expected = runtime.run(runtime.session(exported[0]), many)[0]
+    outcomes: list[tuple[bool, grpc.StatusCode, str, np.ndarray | None]] = []   # (after SIGTERM?, code, details,
+    signalled = threading.Event()                                                 #  logits)
+
+    def keep_calling():
+        with grpc.insecure_channel(running.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(2000):   # bounded: the server stops within seconds of the signal
+                try:
+                    reply = stub.ModelInfer(bad(many), timeout=30)
+                    logits = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(len(many), 10)
+                    outcomes.append((signalled.is_set(), grpc.StatusCode.OK, "", logits))
+                except grpc.RpcError as e:
+                    outcomes.append((signalled.is_set(), e.code(), e.details(), None))
+                    if signalled.is_set():
+                        return
+
+    threads = [threading.Thread(target=keep_calling) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while sum(code == grpc.StatusCode.OK for _, code, _, _ in outcomes) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running.process.send_signal(signal.SIGTERM)
+        signalled.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert running.process.wait(timeout=30) == 0
+    finally:
+        running.stop()
+    assert not any(thread.is_alive() for thread in threads)
+    refused = [(code, details) for _, code, details, _ in outcomes if code != grpc.StatusCode.OK]
+    assert len(refused) == len(threads), refused   # each client's first call after the signal, and only those
+    assert all(code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details for code, details in refused), \
+        refused
+    for _, code, _, logits in outcomes:
+        if code == grpc.StatusCode.OK:
+            np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    assert any(after and code == grpc.StatusCode.OK for after, code, _, _ in outcomes), "no call under way finished"

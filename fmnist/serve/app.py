@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> InferPath:
             grpc_server = await rpc.start(endpoints, metrics, settings.host, settings.grpc_port, max_body)
         yield
         if grpc_server is not None:   # new calls get UNAVAILABLE; those under way have 5 s to finish
-            await grpc_server.stop(5)
+            await rpc.stop(grpc_server, 5)
         await batcher.close()
 
     app = FastAPI(title="fmnist", version=__version__, routes=routes(endpoints),

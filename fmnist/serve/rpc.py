@@ -6,13 +6,15 @@ service_pb2_grpc, compiled from Triton's own grpc_service.proto): the same defin
 perf_analyzer are built from, so the two sides cannot drift; no protobuf is parsed by hand here. Each RPC turns
 its message into the protocol's request (fmnist.serve.protocol), so that REST and gRPC make the same checks with
 the same words; a refusal is a gRPC status: INVALID_ARGUMENT where REST says 400, NOT_FOUND for 404,
-RESOURCE_EXHAUSTED for a full queue (and, from gRPC itself, for a message over --max-body-mb).
+RESOURCE_EXHAUSTED for a full queue (and, from gRPC itself, for a message over --max-body-mb), UNAVAILABLE once
+the server is stopping.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -30,6 +32,7 @@ from fmnist.serve.protocol import ProtocolError, RequestInput, RequestOutput
 # The typed `contents` field that holds each datatype's values, when a client sends them that way.
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents"}
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
+STOPPING = "the server is shutting down: send the request to another replica, or again once it is back"
 
 
 def request_of(message: pb.ModelInferRequest) -> tuple[protocol.InferenceRequest, bytes]:
@@ -72,13 +75,16 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, endpoints: Endpoints, metrics: Metrics) -> None:
         self.endpoints, self.metrics = endpoints, metrics
+        self.stopping = False   # set by stop(): every call but the health checks is then refused, UNAVAILABLE
+        self.under_way = 0      # calls being answered, which stop() lets finish
+        self.last_call = 0.0    # when the latest call came (time.monotonic())
 
     async def ServerLive(self, request, context):
         return await self._counted("ServerLive", context, lambda: _value(pb.ServerLiveResponse(live=True)))
 
     async def ServerReady(self, request, context):
         return await self._counted("ServerReady", context, lambda: _value(
-            pb.ServerReadyResponse(ready=hasattr(self.endpoints, "model"))))
+            pb.ServerReadyResponse(ready=hasattr(self.endpoints, "model") and not self.stopping)))
 
     async def ServerMetadata(self, request, context):
         return await self._counted("ServerMetadata", context, lambda: _value(
@@ -120,8 +126,14 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _counted(self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable]):
         """The RPC's answer, its refusal as a gRPC status with REST's message, and its count in the metrics."""
         start, code = time.perf_counter(), grpc.StatusCode.OK
+        self.under_way += 1
+        self.last_call = time.monotonic()
         try:
+            if self.stopping and method not in ("ServerLive", "ServerReady"):
+                raise Stopping
             return await answer()
+        except Stopping:
+            code, message = grpc.StatusCode.UNAVAILABLE, STOPPING
         except (ProtocolError, FmnistError) as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except HTTPException as e:
@@ -134,21 +146,44 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has " \
                 "the details"
         finally:
+            self.under_way -= 1
             self.metrics.observe_request(f"grpc {method}", code.name, time.perf_counter() - start)
         await context.abort(code, message)
+
+
+class Stopping(Exception):
+    """A call that came after stop() began."""
 
 
 async def _value(message):
     return message
 
 
-async def start(endpoints: Endpoints, metrics: Metrics, host: str, port: int, max_message: int) -> grpc.aio.Server:
+class Running(NamedTuple):
+    server: grpc.aio.Server
+    service: Service
+
+
+async def start(endpoints: Endpoints, metrics: Metrics, host: str, port: int, max_message: int) -> Running:
     """The gRPC server on host:port, started."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.max_send_message_length", max_message)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(endpoints, metrics), server)
+    service = Service(endpoints, metrics)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise FmnistError(f"cannot listen for gRPC on {address}; choose another --grpc-port (0: no gRPC)")
     await server.start()
-    return server
+    return Running(server, service)
+
+
+async def stop(running: Running, grace: float, quiet: float = 0.05) -> None:
+    """Refuse new calls with UNAVAILABLE, let those under way finish, and stop once no call has come for
+    `quiet` seconds, or when `grace` is over. The service refuses them, not grpc's own stop: a call that reaches
+    grpc while it stops is CANCELLED (seen in tests), which a client does not know to send elsewhere."""
+    service = running.service
+    service.stopping = True
+    deadline = time.monotonic() + grace
+    while (service.under_way or time.monotonic() - service.last_call < quiet) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await running.server.stop(max(0.0, deadline - time.monotonic()))
