@@ -2,20 +2,27 @@
 
     bash bench/triton/setup.sh                                   # once: perf_analyzer and tritonserver (.triton/)
     python -m bench.triton.compare export/fmnist.onnx [--rounds 3] [--requests 2000]
+    python -m bench.triton.compare export/fmnist.onnx --protocol grpc --floor   # and grpc.aio's own bound
 
 Both servers serve the same exported model on this machine's loopback: `fmnist serve` as a user starts it
 (one process, its defaults), and tritonserver 2.51 the repository `fmnist export --triton` writes, with its
 python backend running the same model.onnx on onnxruntime (bench/triton/peer.py says why). For each load
 (single images at concurrency 1, 16 and 64; batches of 64 and of 1024 at concurrency 2) perf_analyzer measures
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
-median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's.
+median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --floor (gRPC),
+a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the bound of
+any Python server on grpcio.
 """
 
 import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.triton import peer
@@ -62,7 +69,10 @@ def main() -> None:
     parser.add_argument("--loads", default=",".join(f"{b}x{c}" for b, c in LOADS),
                         help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
+    parser.add_argument("--floor", action="store_true", help="gRPC: measure bench/noop_grpc.py too")
     args = parser.parse_args()
+    if args.floor and args.protocol != "grpc":
+        raise SystemExit("--floor is a gRPC server: add --protocol grpc")
     loads = [tuple(int(n) for n in load.split("x")) for load in args.loads.split(",")]
     tools = peer.tools()
     if isinstance(tools, str):
@@ -74,9 +84,9 @@ def main() -> None:
         repository = write_model_repository(args.onnx, folder).parent
         fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
         try:
-            with peer.triton(tools, repository) as triton:
+            with peer.triton(tools, repository) as triton, noop_grpc(args.floor) as floor:
                 urls = {"fmnist": fmnist.url, "triton": triton.url} if args.protocol == "http" else \
-                    {"fmnist": fmnist.grpc, "triton": triton.grpc}
+                    {"fmnist": fmnist.grpc, "triton": triton.grpc, **({"floor": floor} if floor else {})}
                 rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
         finally:
             fmnist.stop()
@@ -88,6 +98,31 @@ def main() -> None:
               + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in values)}" for name, values in row["spread"].items()))
     ratios = [r["median"]["fmnist"]["Inferences/Second"] / r["median"]["triton"]["Inferences/Second"] for r in rows]
     print(f"\nfmnist / Triton, the median over the loads: {statistics.median(ratios):.2f}x")
+    if args.floor:
+        print("\nThe floor (bench/noop_grpc.py: grpc.aio, no work) in the same rounds:\n")
+        print(table(rows, ("floor", "triton")))
+        print("\n" + table(rows, ("fmnist", "floor")))
+
+
+@contextmanager
+def noop_grpc(wanted: bool) -> Iterator[str | None]:
+    """bench/noop_grpc.py on a free loopback port, ready, until the block ends (None when not wanted)."""
+    if not wanted:
+        yield None
+        return
+    import grpc
+
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", address.split(":")[1]])
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def cpu() -> str:
