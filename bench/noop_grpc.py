@@ -1,9 +1,9 @@
 """The gRPC benchmarks' bound: a grpc.aio server whose ModelInfer does no work at all, answering zeros of the
 right shapes, on the event loop `fmnist serve` runs on (uvloop, which uvicorn picks when it is installed).
-What perf_analyzer measures against it is grpcio's own cost per call on this machine: no server written on
-grpc.aio in Python can beat it, whatever its model does.
+What perf_analyzer measures against it is grpcio's own cost per call on this machine: one grpc.aio process
+in Python answers no more than this, whatever its model does.
 
-    python -m bench.noop_grpc PORT       # serves until killed; bench/triton/compare.py --floor starts it
+    python -m bench.noop_grpc PORT       # serves until killed; bench/triton/compare.py --bound starts it
 """
 
 import asyncio
@@ -57,7 +57,8 @@ class Noop(service_pb2_grpc.GRPCInferenceServiceServicer):
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Noop(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 

@@ -176,11 +176,12 @@ def test_a_request_whose_client_went_away_is_not_run_and_the_queue_forgets_it():
     assert model.sizes == [1, 2]
 
 
-def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers():
+@pytest.mark.parametrize("inline_below", [0, 1024], ids=["in a worker thread", "on the event loop"])
+def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers(inline_below):
     model = Recording()
 
     async def main():
-        batcher = Batcher(model, max_batch=256, max_delay=0.2, max_queue=1000)
+        batcher = Batcher(model, max_batch=256, max_delay=0.2, max_queue=1000, inline_below=inline_below)
         together = await asyncio.gather(batcher(images(665, 2)), batcher(images(1, 1)), return_exceptions=True)
         after = await batcher(images(2, 1))
         await batcher.close()
@@ -213,3 +214,32 @@ def test_runs_under_inline_below_run_on_the_event_loop_and_the_others_in_a_worke
     assert [(size, thread == loop_thread) for size, thread in threads] == [(3, True), (4, False), (1, True)]
     for (first, count), (doubled,) in zip(((0, 3), (10, 4), (20, 1)), answers, strict=True):
         np.testing.assert_array_equal(doubled, 2 * np.arange(first, first + count, dtype=np.float32))
+
+
+def test_a_queue_of_small_runs_gives_the_event_loop_a_turn_between_them():
+    """Runs on the loop's own thread, one image each (max_batch 1): between two of them the loop goes round
+    (it reads requests and sends replies), rather than running the whole queue first."""
+    log: list[str] = []
+
+    def model(batch: np.ndarray) -> tuple[np.ndarray]:
+        log.append("run")
+        return (batch[:, 0, 0, 0],)
+
+    async def main():
+        batcher = Batcher(model, max_batch=1, max_delay=0, max_queue=1000, inline_below=16)
+        done = False
+
+        async def ticker():
+            while not done:
+                log.append("tick")
+                await asyncio.sleep(0)
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.gather(*(batcher(images(i, 1)) for i in range(6)))
+        done = True
+        await ticking
+        await batcher.close()
+
+    asyncio.run(main())
+    runs = [i for i, entry in enumerate(log) if entry == "run"]
+    assert len(runs) == 6 and all(b - a > 1 for a, b in zip(runs, runs[1:], strict=False)), log

@@ -137,17 +137,17 @@ def test_the_comparison_measures_both_servers_with_perf_analyzer(tools, triton_s
     assert line.startswith("| 1 | 2 | ") and f"| {ratio:.2f}x |" in line
 
 
-def test_the_grpc_floor_answers_perf_analyzer_and_the_shapes_a_client_expects(tools):
-    """bench/noop_grpc.py, the gRPC rows' bound (compare.py --floor): perf_analyzer measures it, and a
+def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(tools):
+    """bench/noop_grpc.py, the gRPC rows' bound (compare.py --bound): perf_analyzer measures it, and a
     tritonclient.grpc call gets logits and ood_score of the request's own batch size."""
-    grpcclient = pytest.importorskip("tritonclient.grpc", reason="the floor is a tritonclient.grpc service")
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="the bound is a tritonclient.grpc service")
     from bench.triton import compare
 
-    with compare.noop_grpc(True) as floor:
-        assert floor is not None
-        row = peer.perf_analyzer(tools, floor, batch=64, concurrency=2, requests=100, protocol="grpc")
+    with compare.noop_grpc(True) as bound:
+        assert bound is not None
+        row = peer.perf_analyzer(tools, bound, batch=64, concurrency=2, requests=100, protocol="grpc")
         assert row["Inferences/Second"] > 0
         tensor = grpcclient.InferInput("images", [5, 1, 28, 28], "FP32")
         tensor.set_data_from_numpy(np.zeros((5, 1, 28, 28), np.float32))
-        result = grpcclient.InferenceServerClient(floor).infer("fmnist", [tensor])
+        result = grpcclient.InferenceServerClient(bound).infer("fmnist", [tensor])
     assert result.as_numpy("logits").shape == (5, 10) and result.as_numpy("ood_score").shape == (5, 1)

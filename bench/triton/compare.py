@@ -2,14 +2,14 @@
 
     bash bench/triton/setup.sh                                   # once: perf_analyzer and tritonserver (.triton/)
     python -m bench.triton.compare export/fmnist.onnx [--rounds 3] [--requests 2000]
-    python -m bench.triton.compare export/fmnist.onnx --protocol grpc --floor   # and grpc.aio's own bound
+    python -m bench.triton.compare export/fmnist.onnx --protocol grpc --bound   # and grpc.aio's own bound
 
 Both servers serve the same exported model on this machine's loopback: `fmnist serve` as a user starts it
 (one process, its defaults), and tritonserver 2.51 the repository `fmnist export --triton` writes, with its
 python backend running the same model.onnx on onnxruntime (bench/triton/peer.py says why). For each load
 (single images at concurrency 1, 16 and 64; batches of 64 and of 1024 at concurrency 2) perf_analyzer measures
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
-median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --floor (gRPC),
+median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --bound (gRPC),
 a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the bound of
 any Python server on grpcio.
 """
@@ -69,10 +69,10 @@ def main() -> None:
     parser.add_argument("--loads", default=",".join(f"{b}x{c}" for b, c in LOADS),
                         help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
-    parser.add_argument("--floor", action="store_true", help="gRPC: measure bench/noop_grpc.py too")
+    parser.add_argument("--bound", action="store_true", help="gRPC: measure bench/noop_grpc.py too")
     args = parser.parse_args()
-    if args.floor and args.protocol != "grpc":
-        raise SystemExit("--floor is a gRPC server: add --protocol grpc")
+    if args.bound and args.protocol != "grpc":
+        raise SystemExit("--bound is a gRPC server: add --protocol grpc")
     loads = [tuple(int(n) for n in load.split("x")) for load in args.loads.split(",")]
     tools = peer.tools()
     if isinstance(tools, str):
@@ -84,9 +84,9 @@ def main() -> None:
         repository = write_model_repository(args.onnx, folder).parent
         fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
         try:
-            with peer.triton(tools, repository) as triton, noop_grpc(args.floor) as floor:
+            with peer.triton(tools, repository) as triton, noop_grpc(args.bound) as bound:
                 urls = {"fmnist": fmnist.url, "triton": triton.url} if args.protocol == "http" else \
-                    {"fmnist": fmnist.grpc, "triton": triton.grpc, **({"floor": floor} if floor else {})}
+                    {"fmnist": fmnist.grpc, "triton": triton.grpc, **({"bound": bound} if bound else {})}
                 rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
         finally:
             fmnist.stop()
@@ -98,10 +98,10 @@ def main() -> None:
               + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in values)}" for name, values in row["spread"].items()))
     ratios = [r["median"]["fmnist"]["Inferences/Second"] / r["median"]["triton"]["Inferences/Second"] for r in rows]
     print(f"\nfmnist / Triton, the median over the loads: {statistics.median(ratios):.2f}x")
-    if args.floor:
-        print("\nThe floor (bench/noop_grpc.py: grpc.aio, no work) in the same rounds:\n")
-        print(table(rows, ("floor", "triton")))
-        print("\n" + table(rows, ("fmnist", "floor")))
+    if args.bound:
+        print("\nThe bound (bench/noop_grpc.py: grpc.aio, no work) in the same rounds:\n")
+        print(table(rows, ("bound", "triton")))
+        print("\n" + table(rows, ("fmnist", "bound")))
 
 
 @contextmanager
@@ -118,7 +118,17 @@ def noop_grpc(wanted: bool) -> Iterator[str | None]:
     process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", address.split(":")[1]])
     try:
         with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
+            ready = grpc.channel_ready_future(channel)
+            for _ in range(300):   # 30 s at most, and no longer than the process lives
+                if process.poll() is not None:
+                    raise RuntimeError(f"bench/noop_grpc.py exited ({process.returncode}) before it served")
+                try:
+                    ready.result(timeout=0.1)
+                    break
+                except grpc.FutureTimeoutError:
+                    pass
+            else:
+                raise RuntimeError(f"bench/noop_grpc.py did not serve on {address} within 30 s")
         yield address
     finally:
         process.terminate()

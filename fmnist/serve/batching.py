@@ -102,8 +102,11 @@ class Batcher:
         started = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
-            outputs = self.run(images) if len(images) < self.inline_below else \
-                await asyncio.to_thread(self.run, images)
+            if len(images) < self.inline_below:
+                outputs = self.run(images)
+                await asyncio.sleep(0)   # the loop's turn: a queue of small runs must not hold it until empty
+            else:
+                outputs = await asyncio.to_thread(self.run, images)
             ran = time.perf_counter() - started
             self.observe(len(images), [started - item.queued_at for item in batch], ran)
         except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on

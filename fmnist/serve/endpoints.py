@@ -44,7 +44,7 @@ MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo
 # are busy with the requests themselves, waking them costs more (perf_analyzer, single images at concurrency 16:
 # about 1.15x the infer/s with one thread, 0.85x at batches of 64; bench/README.md, Serving). The batcher runs
 # these on the event loop's own thread (its inline_below): handing a run to a worker thread and back costs more
-# than the run (a ModelInfer call in-process, uvloop: about 180 against 300 us).
+# than the run (a gRPC ModelInfer in-process, one at a time: 120-202 against 212-258 us, bench/grpc_inprocess.py).
 ONE_THREAD_BELOW = 16
 
 

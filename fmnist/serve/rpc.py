@@ -124,16 +124,18 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         return {key: value for key, value in metadata.items() if key != "parameters"}   # gRPC's has no parameters
 
     async def _counted(self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable]):
-        """The RPC's answer, its refusal as a gRPC status with REST's message, and its count in the metrics."""
+        """The RPC's answer, its refusal as a gRPC status with REST's message, and its count in the metrics.
+        Once the server is stopping, every call but the health checks is refused at once, UNAVAILABLE."""
         start, code = time.perf_counter(), grpc.StatusCode.OK
-        self.under_way += 1
-        self.last_call = time.monotonic()
+        health = method in ("ServerLive", "ServerReady")   # probes: never refused, nor waited for by stop()
+        if self.stopping and not health:
+            self.metrics.observe_request(f"grpc {method}", grpc.StatusCode.UNAVAILABLE.name, 0.0)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+        if not health:
+            self.under_way += 1
+            self.last_call = time.monotonic()
         try:
-            if self.stopping and method not in ("ServerLive", "ServerReady"):
-                raise Stopping
             return await answer()
-        except Stopping:
-            code, message = grpc.StatusCode.UNAVAILABLE, STOPPING
         except (ProtocolError, FmnistError) as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except HTTPException as e:
@@ -146,13 +148,11 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has " \
                 "the details"
         finally:
-            self.under_way -= 1
+            if not health:   # the quiet that stop() waits for counts from the end of the latest call too
+                self.under_way -= 1
+                self.last_call = time.monotonic()
             self.metrics.observe_request(f"grpc {method}", code.name, time.perf_counter() - start)
         await context.abort(code, message)
-
-
-class Stopping(Exception):
-    """A call that came after stop() began."""
 
 
 async def _value(message):
@@ -178,9 +178,10 @@ async def start(endpoints: Endpoints, metrics: Metrics, host: str, port: int, ma
 
 
 async def stop(running: Running, grace: float, quiet: float = 0.05) -> None:
-    """Refuse new calls with UNAVAILABLE, let those under way finish, and stop once no call has come for
-    `quiet` seconds, or when `grace` is over. The service refuses them, not grpc's own stop: a call that reaches
-    grpc while it stops is CANCELLED (seen in tests), which a client does not know to send elsewhere."""
+    """Refuse new calls with UNAVAILABLE, let those under way finish, and stop once no call has begun or ended
+    for `quiet` seconds (a client that just had its answer may send its next), or when `grace` is over. The
+    service refuses them, not grpc's own stop: a call that reaches grpc while it stops is CANCELLED (seen in
+    tests), which a client does not know to send elsewhere."""
     service = running.service
     service.stopping = True
     deadline = time.monotonic() + grace
