@@ -242,4 +242,35 @@ def test_a_queue_of_small_runs_gives_the_event_loop_a_turn_between_them():
 
     asyncio.run(main())
     runs = [i for i, entry in enumerate(log) if entry == "run"]
-    assert len(runs) == 6 and all(b - a > 1 for a, b in zip(runs, runs[1:], strict=False)), log
+    gaps = [b - a - 1 for a, b in zip(runs, runs[1:], strict=False)]   # the loop's turns between two runs
+    assert len(runs) == 6 and all(1 <= gap <= 3 for gap in gaps), log   # a turn, not a wait
+
+
+def test_timed_says_how_long_each_request_waited_and_its_run_took():
+    """What the statistics extension reports per request (queue, compute_infer): a request that came while the
+    previous run was busy waited for it, and each run took at least the model's own time."""
+    import time
+
+    observed: list[tuple[int, list[float], float]] = []
+
+    def model(batch: np.ndarray) -> tuple[np.ndarray]:
+        time.sleep(0.05)
+        return (batch[:, 0, 0, 0],)
+
+    async def main():
+        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000,
+                          observe=lambda size, waits, seconds: observed.append((size, waits, seconds)))
+        first = asyncio.ensure_future(batcher.timed(images(0, 1)))
+        await asyncio.sleep(0.01)   # the first run is under way
+        second = await batcher.timed(images(1, 2))
+        answers = await first, second
+        await batcher.close()
+        return answers
+
+    first, second = asyncio.run(main())
+    assert 0 <= first.queue < second.queue < 5 and second.queue >= 0.035   # it waited out most of the first run
+    assert 0.05 <= first.infer < 5 and 0.05 <= second.infer < 5
+    assert [(size, len(waits), seconds) for size, waits, seconds in observed] == \
+        [(1, 1, first.infer), (2, 1, second.infer)]
+    assert observed[1][1] == [second.queue]
+    np.testing.assert_array_equal(second.outputs[0], [1, 2])
