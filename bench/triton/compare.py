@@ -10,8 +10,8 @@ python backend running the same model.onnx on onnxruntime (bench/triton/peer.py 
 (single images at concurrency 1, 16 and 64; batches of 64 and of 1024 at concurrency 2) perf_analyzer measures
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
 median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --bound (gRPC),
-a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the bound of
-any Python server on grpcio.
+a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the most one
+grpc.aio process answers here.
 """
 
 import argparse
@@ -114,8 +114,9 @@ def noop_grpc(wanted: bool) -> Iterator[str | None]:
 
     from tests.conftest import free_port
 
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", address.split(":")[1]])
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", str(port)])
     try:
         with grpc.insecure_channel(address) as channel:
             ready = grpc.channel_ready_future(channel)

@@ -84,6 +84,7 @@ class Batcher:
             batch = self._take()
             if batch:
                 await self._run(batch)
+                await asyncio.sleep(0)   # the loop's turn between runs: a queue of runs on the loop must not hold it
 
     def _take(self) -> list[_Waiting]:
         """The oldest requests, up to max_batch images in all (always at least one request); requests whose
@@ -102,11 +103,8 @@ class Batcher:
         started = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
-            if len(images) < self.inline_below:
-                outputs = self.run(images)
-                await asyncio.sleep(0)   # the loop's turn: a queue of small runs must not hold it until empty
-            else:
-                outputs = await asyncio.to_thread(self.run, images)
+            outputs = self.run(images) if len(images) < self.inline_below else \
+                await asyncio.to_thread(self.run, images)
             ran = time.perf_counter() - started
             self.observe(len(images), [started - item.queued_at for item in batch], ran)
         except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on
