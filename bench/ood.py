@@ -75,8 +75,8 @@ def scorers(network, train: data.Split) -> dict:
         "Mahalanobis, fc2": batched(
             lambda b: mahalanobis(penultimate(b)).numpy()),
         "pixels, least varied directions": batched(lambda b: detector.parts(torch.from_numpy(b))[1][:, 0].numpy()),
-        "Gaussians per class, conv2": batched(lambda b: detector.parts(torch.from_numpy(b))[2].amin(1).numpy()),
-        "fmnist: pixels, conv2, ink": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
+        "Gaussians per class, conv1": batched(lambda b: detector.parts(torch.from_numpy(b))[2].amin(1).numpy()),
+        "fmnist: pixels, conv1, ink": batched(lambda b: detector(torch.from_numpy(b))[1].numpy()),
     }
 
 

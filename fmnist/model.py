@@ -34,12 +34,15 @@ class Network(nn.Module):
         return self.feature_maps(t).reshape(-1, 12 * 4 * 4)   # (N, 192)
 
     def feature_maps(self, t: torch.Tensor) -> torch.Tensor:
-        """convolutions() before its flattening: (N, 12, 4, 4), conv2's maps (fmnist.ood reads them too)."""
+        """convolutions() before its flattening: (N, 12, 4, 4), conv2's maps."""
         # The tutorial applies ReLU before each max-pool. Max commutes with ReLU (both keep order), so ReLU
         # after the pool gives the very same numbers, and the same gradients, with a quarter of the ReLU
         # work. What it is worth is measured by bench/test_levers.py (figures in bench/README.md).
         t = F.max_pool2d(self.conv1(t), kernel_size=2, stride=2)    # (N, 6, 12, 12)
-        t = F.relu(t)
+        return self.second_convolution(F.relu(t))
+
+    def second_convolution(self, t: torch.Tensor) -> torch.Tensor:
+        """conv2 with its max-pool and ReLU: conv1's pooled maps (N, 6, 12, 12) in, conv2's (N, 12, 4, 4) out."""
         t = F.max_pool2d(self.conv2(t), kernel_size=2, stride=2)    # (N, 12, 4, 4)
         return F.relu(t)
 

@@ -71,14 +71,7 @@ def test_image_classes(exported, tmp_path_factory, real_data):
     return [row["top"][0]["class"] for row in predict_json(paths, exported[0])]
 
 
-# Not yet within the bound (#26 open): the CI's one-epoch model flags 12 and 14 of these 100 photos. Strict:
-# the test fails once they are within it, so that the mark goes with the gap.
-SHORT_OF_THE_BOUND = {"bicubic", "Lanczos"}
-
-
-@pytest.mark.parametrize("variation", [
-    pytest.param(v, marks=pytest.mark.xfail(strict=True, reason="over 10% flagged: issue #26"))
-    if v in SHORT_OF_THE_BOUND else v for v in PHOTO_VARIATIONS])
+@pytest.mark.parametrize("variation", list(PHOTO_VARIATIONS))
 def test_photos_made_other_ways_are_classified_as_their_test_image_and_rarely_flagged(
         exported, test_image_classes, tmp_path, variation):
     test = data.load("test", download=False)

@@ -5,7 +5,6 @@ model; this file checks that it is the score the module's docstring describes.""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fmnist import data, ood, runtime
 from fmnist.model import Network
@@ -27,8 +26,8 @@ def textbook(network, x, y, images):
     """The two Gaussian parts as the docstring says them, in float64, each on its scale (0 at the median of
     the training images x, 1 at their 95th percentile): (N,) for the pixels, the squared Mahalanobis distance
     from the mean of x in the PIXEL_DIRECTIONS eigen-directions of least variance of their (regularised)
-    covariance; (N, 10) for conv2, the squared distance of its 2 x 2 averaged maps to each class mean under
-    the class's own regularised covariance, plus the log-determinant of that covariance."""
+    covariance; (N, 10) for conv1, the squared distance of its ReLU'd maps averaged over 8 x 8 blocks to each
+    class mean under the class's own regularised covariance, plus the log-determinant of that covariance."""
     def pixel_distance(f):
         px = x.reshape(len(x), -1).astype(np.float64)
         covariance = np.cov(px.T, bias=True)
@@ -37,9 +36,10 @@ def textbook(network, x, y, images):
         k = ood.PIXEL_DIRECTIONS
         return ((((f.reshape(len(f), -1) - px.mean(0)) @ vectors[:, :k]) ** 2) / values[:k]).sum(1)
 
-    def averaged_maps(f):
+    def averaged_maps(f):   # (N, 54): each of conv1's 6 maps (24 x 24) after ReLU, as the means of its 3 x 3 blocks
         with torch.inference_mode():
-            return F.avg_pool2d(network.feature_maps(torch.from_numpy(f)), 2).reshape(len(f), 48).double().numpy()
+            maps = np.maximum(network.conv1(torch.from_numpy(f)).double().numpy(), 0)
+        return maps.reshape(len(f), 6, 3, 8, 3, 8).mean((3, 5)).reshape(len(f), 54)
 
     def conv_distances(f):
         g_train, g = averaged_maps(x), averaged_maps(f)
@@ -47,7 +47,7 @@ def textbook(network, x, y, images):
         for c in range(10):
             mine = g_train[y == c]
             covariance = (mine - mine.mean(0)).T @ (mine - mine.mean(0)) / len(mine)
-            covariance += ood.CONV_RIDGE * np.trace(covariance) / 48 * np.eye(48)
+            covariance += ood.CONV_RIDGE * np.trace(covariance) / 54 * np.eye(54)
             d = g - mine.mean(0)
             per_class.append(np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d)
                              + np.linalg.slogdet(covariance)[1])
@@ -103,13 +103,23 @@ def test_the_fitted_buffers_are_float32_and_of_the_exported_shapes(fitted):
     k = ood.PIXEL_DIRECTIONS
     assert {name: tuple(buffer.shape) for name, buffer in detector.named_buffers()} == {
         "pixel_project": (k, 784), "pixel_shift": (k,), "pixel_sum": (1, k), "pixel_offset": (1,),
-        "conv_project": (480, 48), "conv_shift": (480,), "conv_sum": (10, 480), "conv_offset": (10,),
+        "conv_pool": (576, 9), "conv_project": (540, 54), "conv_shift": (540,), "conv_sum": (10, 540),
+        "conv_offset": (10,),
         "ink_weight": (1, 784), "ink_offset": (1,)}
     assert all(buffer.dtype == torch.float32 for buffer in detector.buffers())
-    # conv_sum adds up each class's own 48 squares, and no other class's.
+    # conv_sum adds up each class's own 54 squares, and no other class's.
     sums = detector.conv_sum.numpy()
-    np.testing.assert_array_equal(sums != 0, np.kron(np.eye(10), np.ones((1, 48))) != 0)
+    np.testing.assert_array_equal(sums != 0, np.kron(np.eye(10), np.ones((1, 54))) != 0)
     assert detector.network is network and not detector.training
+
+
+def test_block_means_average_each_square_of_a_map():
+    side = np.arange(36.0).reshape(6, 6)                       # a 6 x 6 map, flattened row by row
+    expected = side.reshape(3, 2, 3, 2).mean((1, 3)).ravel()    # its 2 x 2 squares' means, row by row
+    np.testing.assert_allclose(side.ravel() @ ood.block_means(6, 2), expected)
+    maps = torch.from_numpy(np.stack([side, -side])[None]).float()   # (1, 2, 6, 6): two maps, one image
+    np.testing.assert_allclose(ood.averages(maps, torch.from_numpy(ood.block_means(6, 2)).float()).numpy(),
+                               [np.r_[expected, -expected]], rtol=1e-6)
 
 
 def test_the_whitenings_give_mahalanobis_distances():
