@@ -42,7 +42,8 @@ class Network(nn.Module):
         return self.second_convolution(F.relu(t))
 
     def second_convolution(self, t: torch.Tensor) -> torch.Tensor:
-        """conv2 with its max-pool and ReLU: conv1's pooled maps (N, 6, 12, 12) in, conv2's (N, 12, 4, 4) out."""
+        """conv2 with its max-pool and ReLU: conv1's maps, pooled and after their ReLU (N, 6, 12, 12), in;
+        conv2's (N, 12, 4, 4) out."""
         t = F.max_pool2d(self.conv2(t), kernel_size=2, stride=2)    # (N, 12, 4, 4)
         return F.relu(t)
 

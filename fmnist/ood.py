@@ -11,21 +11,21 @@ from the training images, in three parts, each fitted to the 60,000 training ima
   differs from the test image it shows.
 - conv1's maps, after their ReLU and before the Network's max-pool, averaged over CONV_POOL x CONV_POOL squares
   (6 filters x 3 x 3 = 54 values): one Gaussian per class, each with its own covariance (the negative
-  log-likelihood, up to a constant, of the nearest class). conv1's filters find edges and strokes, and their
-  average says how much of each there is in each part of the image: handwritten digits, drawn in thin lines,
+  log-likelihood, up to a constant, of the nearest class). conv1's filters find edges, and their average
+  says how much edge there is in each part of the image: handwritten digits, drawn in thin lines,
   have edges where a garment is a filled shape, though they look like a garment pixel by pixel. (Measured
   against conv2's maps averaged over 2 x 2, the part's first form: the digits flagged with the default recipe
   went from 75% to 97%, and photos made with other enlargement filters from 10-11% to 6-7% on a one-epoch
   model: `python -m bench.ood`.)
 - the ink, the sum of the pixels: a blank image (all black, all white: the commonest wrong input a page or a
   client sends) lies close to the training images in both Gaussians. Every training image has some (the
-  faintest 31, the median 303); the part is INK_BLANK for none, 0 at INK_SHARE of the faintest training
+  faintest 15, the median 213); the part is INK_BLANK for none, 0 at INK_SHARE of the faintest training
   image's, and below 0 above it, so that it flags only an image that is (nearly) blank.
 
 Each Gaussian part is put on one scale (0 at its median on the training images, 1 at their 95th percentile),
 and the score is the largest of the three. The threshold is the score that keeps 95% of the training images;
-the test images then judge it. Every part is one matrix product or two, so the score costs little beside the
-Network (its cost and how it was chosen: `python -m bench.ood`, README.md's "Images that are not garments").
+the test images then judge it. Every part is two matrix products or three, so the score costs little beside
+the Network (its cost and how it was chosen: `python -m bench.ood`, README.md's "Images that are not garments").
 """
 
 import numpy as np
@@ -39,8 +39,8 @@ KEEP = 0.95             # the share of training images whose score is at or unde
 PIXEL_DIRECTIONS = 64   # the pixel part's directions of least variance (measured: 32 lost text, 128 gained little)
 PIXEL_RIDGE = 1e-3      # added to the covariances' diagonals, times their mean variance: border pixels that
 CONV_RIDGE = 1e-2       # are always 0, and dead ReLUs, have none (measured: 1e-3..3e-2 flag the same sets)
-CONV_POOL = 8           # conv1's 24 x 24 maps averaged over 8 x 8 (measured: 6 flags the same; 12, 2 x 2 of
-                        # them, 2-3 points fewer digits)
+CONV_POOL = 8           # conv1's 24 x 24 maps averaged over 8 x 8 (measured on bench.ood's sets: 6 flags the
+                        # same; 12, 2 x 2 of them, 2-3 points fewer digits)
 BATCH = 2000            # images per pass when fitting: bounds the memory of conv1's output
 INK_SHARE = 0.5         # an image with less ink than this share of the faintest training image's is blank...
 INK_BLANK = 10.0        # ...and one with none scores this: far over any threshold (about 1.5)
@@ -51,15 +51,16 @@ class Detector(nn.Module):
     Network's own, and ood_score (N,) out. Higher: less like a Fashion-MNIST image.
 
     Each part is written as the exported graph computes it, a few nodes each: a projection (a matrix and a
-    shift), squared, then summed by a matrix whose entries hold the part's scale (1 / its spread) and whose
-    offset holds the rest (its median, and the conv part's log-determinants)."""
+    shift; for the conv part, of conv1's maps averaged by conv_averaging), squared, then summed by a matrix
+    whose entries hold the part's scale (1 / its spread) and whose offset holds the rest (its median, and the
+    conv part's log-determinants)."""
 
     # The buffers that __init__ registers from `fitted`, by name (fit() computes them).
     pixel_project: torch.Tensor     # (K, 784): the K directions of least variance, each over its deviation
     pixel_shift: torch.Tensor       # (K,): minus the training mean, projected
     pixel_sum: torch.Tensor         # (1, K): the scale
     pixel_offset: torch.Tensor      # (1,)
-    conv_pool: torch.Tensor         # (24 * 24, 9): block_means, the averages of each map's 8 x 8 squares
+    conv_averaging: torch.Tensor    # (24 * 24, 9): block_means, the averages of each map's 8 x 8 squares
     conv_project: torch.Tensor      # (10 * 54, 54): each class's whitening, one block of 54 rows a class
     conv_shift: torch.Tensor        # (10 * 54,): minus each class's mean, whitened
     conv_sum: torch.Tensor          # (10, 10 * 54): sums each class's block, times the scale
@@ -82,13 +83,13 @@ class Detector(nn.Module):
         class (N, 10; the part is the nearest class's) and the ink (N, 1)."""
         # conv1's maps after their ReLU, then its max-pool: the tutorial's order, the same numbers as the
         # Network's (model.py), and onnxruntime fuses the ReLU into the Conv.
-        strokes = F.relu(self.network.conv1(images))                            # (N, 6, 24, 24)
-        maps = self.network.second_convolution(F.max_pool2d(strokes, kernel_size=2, stride=2))   # (N, 12, 4, 4)
+        conv1_maps = F.relu(self.network.conv1(images))                         # (N, 6, 24, 24)
+        maps = self.network.second_convolution(F.max_pool2d(conv1_maps, kernel_size=2, stride=2))   # (N, 12, 4, 4)
         logits = self.network.head(maps.reshape(-1, 12 * 4 * 4))                # (N, 10)
         x = images.reshape(-1, 28 * 28)
         z = F.linear(x, self.pixel_project, self.pixel_shift)                   # (N, K)
         pixels = F.linear(z * z, self.pixel_sum, self.pixel_offset)             # (N, 1)
-        z = F.linear(averages(strokes, self.conv_pool), self.conv_project, self.conv_shift)   # (N, 540)
+        z = F.linear(averages(conv1_maps, self.conv_averaging), self.conv_project, self.conv_shift)   # (N, 540)
         conv = F.linear(z * z, self.conv_sum, self.conv_offset)                 # (N, 10)
         blank = F.linear(x, self.ink_weight, self.ink_offset)                   # (N, 1)
         return logits, pixels, conv, blank
@@ -97,15 +98,16 @@ class Detector(nn.Module):
 def block_means(side: int, block: int) -> np.ndarray:
     """(side * side, (side // block) ** 2): the matrix that averages a side x side map, flattened row by row,
     over its block x block squares (in the same order). A matrix product: onnxruntime's AveragePool took 6x
-    as long on conv1's maps (5.5 against 0.9 ms for 1,024 images, 2-core Intel Xeon)."""
-    of = np.arange(side) // block                                   # each row's (and column's) square
-    square = (of[:, None] * (side // block) + of[None, :]).ravel()   # each pixel's square
+    as long on conv1's maps (5.5 against 0.9 ms for 1,024 images by onnxruntime's profiler, 2-core Intel Xeon)."""
+    band = np.arange(side) // block                                     # each row's (and column's) band of squares
+    square = (band[:, None] * (side // block) + band[None, :]).ravel()   # each pixel's square
     return np.eye((side // block) ** 2)[square] / block ** 2
 
 
-def averages(strokes: torch.Tensor, conv_pool: torch.Tensor) -> torch.Tensor:
-    """(N, 6 * 9): conv1's maps after their ReLU (N, 6, 24, 24), each averaged over its CONV_POOL squares."""
-    return (strokes.flatten(2) @ conv_pool).flatten(1)
+def averages(conv1_maps: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
+    """(N, 6 * 9): conv1's maps after their ReLU (N, 6, 24, 24), each averaged over its CONV_POOL x CONV_POOL
+    squares by `averaging` (block_means)."""
+    return (conv1_maps.flatten(2) @ averaging).flatten(1)
 
 
 def score(pixels: torch.Tensor, conv: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
@@ -123,9 +125,9 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         network = network.eval()
         x = torch.from_numpy(images)
         pixels = images.reshape(len(images), -1).astype(np.float64)
-        conv_pool = block_means(24, CONV_POOL)                                  # conv1's maps: 24 x 24
-        pool = torch.from_numpy(conv_pool).float()
-        conv = torch.cat([averages(F.relu(network.conv1(x[i:i + BATCH])), pool)
+        conv_averaging = block_means(24, CONV_POOL)                             # conv1's maps: 24 x 24
+        averaging = torch.from_numpy(conv_averaging).float()                    # as the Detector holds it
+        conv = torch.cat([averages(F.relu(network.conv1(x[i:i + BATCH])), averaging)
                           for i in range(0, len(x), BATCH)]).double().numpy()
         classes = np.unique(labels)
 
@@ -137,7 +139,7 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         d = conv.shape[1]
         ink = pixels.sum(1)
         fitted = dict(
-            conv_pool=conv_pool, pixel_project=directions.T, pixel_shift=-mean @ directions,
+            conv_averaging=conv_averaging, pixel_project=directions.T, pixel_shift=-mean @ directions,
             pixel_sum=np.ones((1, len(directions.T))), pixel_offset=np.zeros(1),
             conv_project=np.concatenate([w.T for w in whiten]),
             conv_shift=-np.concatenate([m @ w for m, w in zip(conv_means, whiten, strict=True)]),

@@ -36,7 +36,7 @@ def textbook(network, x, y, images):
         k = ood.PIXEL_DIRECTIONS
         return ((((f.reshape(len(f), -1) - px.mean(0)) @ vectors[:, :k]) ** 2) / values[:k]).sum(1)
 
-    def averaged_maps(f):   # (N, 54): each of conv1's 6 maps (24 x 24) after ReLU, as the means of its 3 x 3 blocks
+    def averaged_maps(f):   # (N, 54): each of conv1's 6 maps (24 x 24) after ReLU, its 3 x 3 squares' means
         with torch.inference_mode():
             maps = np.maximum(network.conv1(torch.from_numpy(f)).double().numpy(), 0)
         return maps.reshape(len(f), 6, 3, 8, 3, 8).mean((3, 5)).reshape(len(f), 54)
@@ -103,7 +103,7 @@ def test_the_fitted_buffers_are_float32_and_of_the_exported_shapes(fitted):
     k = ood.PIXEL_DIRECTIONS
     assert {name: tuple(buffer.shape) for name, buffer in detector.named_buffers()} == {
         "pixel_project": (k, 784), "pixel_shift": (k,), "pixel_sum": (1, k), "pixel_offset": (1,),
-        "conv_pool": (576, 9), "conv_project": (540, 54), "conv_shift": (540,), "conv_sum": (10, 540),
+        "conv_averaging": (576, 9), "conv_project": (540, 54), "conv_shift": (540,), "conv_sum": (10, 540),
         "conv_offset": (10,),
         "ink_weight": (1, 784), "ink_offset": (1,)}
     assert all(buffer.dtype == torch.float32 for buffer in detector.buffers())
@@ -114,6 +114,9 @@ def test_the_fitted_buffers_are_float32_and_of_the_exported_shapes(fitted):
 
 
 def test_block_means_average_each_square_of_a_map():
+    # The textbook test cannot see the squares in another order, or summed rather than averaged: the scaled
+    # distances do not change under either. Here the 2 x 2 squares of a 6 x 6 map make side // block (3) and
+    # block (2) differ.
     side = np.arange(36.0).reshape(6, 6)                       # a 6 x 6 map, flattened row by row
     expected = side.reshape(3, 2, 3, 2).mean((1, 3)).ravel()    # its 2 x 2 squares' means, row by row
     np.testing.assert_allclose(side.ravel() @ ood.block_means(6, 2), expected)
