@@ -1,11 +1,21 @@
 """Helpers shared by the benchmark modules."""
 
+import platform
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
 from fmnist.model import Network
+
+
+def cpu() -> str:
+    """This machine's processor, by name (/proc/cpuinfo's model name): every figure comes with it."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def new_network(device="cpu", seed=0) -> Network:

@@ -102,14 +102,17 @@ def test_the_fitted_buffers_are_float32_and_of_the_exported_shapes(fitted):
     network, x, y, detector, _, _ = fitted
     k = ood.PIXEL_DIRECTIONS
     assert {name: tuple(buffer.shape) for name, buffer in detector.named_buffers()} == {
-        "pixel_project": (k, 784), "pixel_shift": (k,), "pixel_sum": (1, k), "pixel_offset": (1,),
+        "pixel_project": (k + 1, 784), "pixel_shift": (k + 1,), "pixel_sum": (2, k + 1), "pixel_offset": (2,),
         "conv_averaging": (576, 9), "conv_project": (540, 54), "conv_shift": (540,), "conv_sum": (10, 540),
-        "conv_offset": (10,),
-        "ink_weight": (1, 784), "ink_offset": (1,)}
+        "conv_offset": (10,)}
     assert all(buffer.dtype == torch.float32 for buffer in detector.buffers())
     # conv_sum adds up each class's own 54 squares, and no other class's.
     sums = detector.conv_sum.numpy()
     np.testing.assert_array_equal(sums != 0, np.kron(np.eye(10), np.ones((1, 54))) != 0)
+    # pixel_sum: the pixel part sums the K directions' squares and not the ink's; the ink part the ink's alone.
+    sums = detector.pixel_sum.numpy()
+    assert (sums[0, :k] > 0).all() and sums[0, k] == 0
+    assert (sums[1, :k] == 0).all() and sums[1, k] == -ood.INK_BLANK
     assert detector.network is network and not detector.training
 
 
@@ -152,7 +155,8 @@ def test_a_blank_image_scores_ink_blank_and_an_inked_one_is_not_flagged_by_its_i
     with torch.inference_mode():
         blank = detector.parts(torch.from_numpy(np.concatenate([np.zeros_like(at_limit), half, at_limit, x])))[3]
         _, scores = detector(torch.zeros(3, 1, 28, 28))
-    np.testing.assert_allclose(blank[:3, 0].numpy(), [ood.INK_BLANK, ood.INK_BLANK / 2, 0], atol=1e-4)
-    # The faintest training image has twice the limit: its ink part is -INK_BLANK, the others' lower.
-    assert float(blank[3:].max()) == pytest.approx(-ood.INK_BLANK, abs=1e-3)
+    # INK_BLANK * (1 - (ink / limit) ** 2): INK_BLANK for none, 3/4 of it for half the limit, 0 at the limit.
+    np.testing.assert_allclose(blank[:3, 0].numpy(), [ood.INK_BLANK, ood.INK_BLANK * 3 / 4, 0], atol=1e-4)
+    # The faintest training image has twice the limit: its ink part is -3 INK_BLANK, the others' lower.
+    assert float(blank[3:].max()) == pytest.approx(-3 * ood.INK_BLANK, abs=1e-3)
     assert scores.tolist() == [ood.INK_BLANK] * 3 and ood.INK_BLANK > threshold   # all black: flagged

@@ -16,7 +16,6 @@ grpc.aio process answers here.
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.common import cpu
 from bench.triton import peer
 
 LOADS = [(1, 1), (1, 16), (1, 64), (64, 2), (1024, 2)]   # (images per request, concurrency)
@@ -134,13 +134,6 @@ def noop_grpc(wanted: bool) -> Iterator[str | None]:
     finally:
         process.terminate()
         process.wait(30)
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":
