@@ -74,11 +74,14 @@ WHY_EQUIVALENT: dict[str, tuple[str, ...]] = {
     "scales every pixel distance alike, and the part's scale (its median, its 95th percentile) takes it out": (
         'fmnist.ood.x_fit__mutmut_51', 'fmnist.ood.x_fit__mutmut_52',),
     "zip's strictness: the class means and the whitenings are both one a class": (
-        'fmnist.ood.x_fit__mutmut_119', 'fmnist.ood.x_fit__mutmut_122', 'fmnist.ood.x_fit__mutmut_123',),
+        'fmnist.ood.x_fit__mutmut_134', 'fmnist.ood.x_fit__mutmut_137', 'fmnist.ood.x_fit__mutmut_138',),
     "zip's strictness over the batches' (pixels, conv, blank) parts, three lists of the same batches": (
-        'fmnist.ood.x_fit__mutmut_151', 'fmnist.ood.x_fit__mutmut_153', 'fmnist.ood.x_fit__mutmut_164',),
+        'fmnist.ood.x_fit__mutmut_156', 'fmnist.ood.x_fit__mutmut_158', 'fmnist.ood.x_fit__mutmut_169',),
+    "the pixel part's placeholder scale (1) and offset (0), before they are measured: the rescaling to its "
+    "median and 95th percentile takes out any factor and any shift": (
+        'fmnist.ood.x_fit__mutmut_86', 'fmnist.ood.x_fit__mutmut_128',),
     "max_pool2d's stride None or omitted is its kernel size, 2": (
-        'fmnist.ood.xǁDetectorǁparts__mutmut_8', 'fmnist.ood.xǁDetectorǁparts__mutmut_11',),
+        'fmnist.ood.xǁDetectorǁcomputed__mutmut_8', 'fmnist.ood.xǁDetectorǁcomputed__mutmut_11',),
     'astype(None) is astype(float64): rounded levels 0..255 give the same float32 input': (
         'fmnist.runtime.x_load_image__mutmut_48',),
     'compositing an opaque L or RGB image on the background changes no pixel': (
