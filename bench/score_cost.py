@@ -2,10 +2,10 @@
 
     python -m bench.score_cost export/fmnist.pt [--compare OTHER.onnx ...] [--rounds 9]   # a markdown table
 
-The checkpoint's Network is exported twice, as `fmnist export --onnx` writes it (logits and ood_score, the
-score fitted to the training images) and alone (logits only, as `to_onnx` writes a bare Network); --compare
-adds other ONNX files of the same Network (an older form of the score, say). At each batch size every model is
-timed in turn, round after round, so that all of them see the same noise; a model's figure is its best round
+The checkpoint's Network is exported twice, as `fmnist export --onnx` writes it (logits and ood_score, the score
+fitted to the training images) and alone (logits only, as `to_onnx` writes a bare Network); --compare adds other
+ONNX files of the same Network (an older form of the score, say). At each batch size every model is timed in turn,
+round after round, each first in turn, so that all of them see the same noise; a model's figure is its best round
 (images/s), and the table gives each one's ratio to the Network alone. pytest-benchmark's inference group
 (bench/test_inference_speed.py) times the same two paths, one after the other rather than interleaved.
 """
@@ -42,12 +42,13 @@ def measure(models: dict[str, Path], rounds: int, batch_sizes=BATCH_SIZES) -> di
     sessions = {name: runtime.session(path, threads=os.cpu_count() or 1, spinning=False)
                 for name, path in models.items()}
     best: dict[int, dict[str, float]] = {}
+    order = list(sessions.items())
     for batch in batch_sizes:
         x = images[:batch]
         runs = max(2, IMAGES_A_ROUND // batch) if batch > 1 else 1000
         best[batch] = dict.fromkeys(sessions, 0.0)
-        for _ in range(rounds):
-            for name, session in sessions.items():
+        for turn in range(rounds):
+            for name, session in order[turn % len(order):] + order[:turn % len(order)]:   # each first in turn
                 session.run(None, {"images": x})   # one run first: buffers sized for this batch
                 start = time.perf_counter()
                 for _ in range(runs):
@@ -73,9 +74,14 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", nargs="*", default=[], help="other ONNX files to time in the same rounds")
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)
+    names = [Path(path).name for path in args.compare]
+    if args.rounds < 1:
+        parser.error("--rounds: give 1 or more")
+    if len(set(names)) < len(names) or {"Network alone", "with ood_score"} & set(names):
+        parser.error("--compare: give files of different names (the table names each by its file name)")
     with tempfile.TemporaryDirectory() as folder:
         models = exported(args.checkpoint, Path(folder))
-        models.update({Path(path).name: Path(path) for path in args.compare})
+        models.update({name: Path(path) for name, path in zip(names, args.compare, strict=True)})
         best = measure(models, args.rounds)
     print(f"{args.checkpoint} on {cpu()}, {os.cpu_count()} cores, "
           f"onnxruntime, best of {args.rounds} interleaved rounds:\n")

@@ -26,7 +26,8 @@ from the training images, in three parts, each fitted to the 60,000 training ima
 Each Gaussian part is put on one scale (0 at its median on the training images, 1 at their 95th percentile),
 and the score is the largest of the three. The threshold is the score that keeps 95% of the training images;
 the test images then judge it. Every part is two matrix products or three, so the score costs little beside
-the Network (its cost and how it was chosen: `python -m bench.ood`, README.md's "Images that are not garments").
+the Network (its cost: `python -m bench.score_cost`; how it was chosen: `python -m bench.ood`; both in README.md's
+"Images that are not garments").
 """
 
 import numpy as np
@@ -145,7 +146,8 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         d = conv.shape[1]
         # The ink part rides on the pixel part's matrices: one more row, the ink over its limit, squared with
         # the others and summed into a second output, INK_BLANK * (1 - (ink / limit) ** 2). One graph node
-        # fewer than a product of its own: at batch 1, 0.71x the Network's images/s against 0.69x (bench.score_cost).
+        # fewer than a product of its own: at batch 1, 0.71x the Network's images/s against 0.69x (five paired
+        # runs of bench.score_cost).
         k = directions.shape[1]
         ink_limit = INK_SHARE * pixels.sum(1).min()
         pixel_sum = np.zeros((2, k + 1))

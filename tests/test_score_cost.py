@@ -26,3 +26,15 @@ def test_the_two_models_timed_are_the_network_alone_and_the_whole_exported_model
     models = score_cost.exported(str(trained[0] / "fmnist.pt"), tmp_path)
     outputs = {name: [o.name for o in onnx.load(str(path)).graph.output] for name, path in models.items()}
     assert outputs == {"Network alone": ["logits"], "with ood_score": ["logits", "ood_score"]}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rounds", "0"], "--rounds: give 1 or more"),
+    (["--compare", "a/m.onnx", "b/m.onnx"], "--compare: give files of different names"),
+])
+def test_bad_arguments_are_one_line_before_any_work(args, words, capsys):
+    from bench import score_cost
+
+    with pytest.raises(SystemExit) as stop:
+        score_cost.main(["no-such-checkpoint.pt", *args])   # refused before the checkpoint is read
+    assert stop.value.code == 2 and words in capsys.readouterr().err
