@@ -77,8 +77,7 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, conv, pixels_and_ink = self.computed(images)
-        # score(), with the pixel and ink parts in one tensor: no graph node to take them apart.
-        return logits, torch.maximum(conv.amin(1), pixels_and_ink.amax(1))
+        return logits, score(conv, pixels_and_ink)
 
     def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The logits (N, 10) and the three parts, each on the common scale: the pixels (N, 1), conv1 for each
@@ -117,10 +116,11 @@ def averages(conv1_maps: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
     return (conv1_maps.flatten(2) @ averaging).flatten(1)
 
 
-def score(pixels: torch.Tensor, conv: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
-    """(N,) the largest of the three parts, the conv part its nearest class's: the largest of max(pixels,
-    conv[:, c], blank) is taken for each class c first, then the smallest over c, which is the same number."""
-    return torch.maximum(torch.maximum(conv, pixels), blank).amin(1)
+def score(conv: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """(N,) the largest of the parts: conv's nearest class's (the smallest of conv, (N, 10)), or the largest of
+    `others` (N, k), the pixel and ink parts side by side, as the exported graph computes them (taking them
+    apart would cost it a node each)."""
+    return torch.maximum(conv.amin(1), others.amax(1))
 
 
 # ---- fitting, at export --------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
             offset.sub_(median).div_(high - median)
             scaled.append((values - median) / (high - median))
         pixels_scaled, conv_scaled = scaled
-        return detector, float(np.quantile(score(pixels_scaled, conv_scaled, blank).double().numpy(), KEEP))
+        scores = score(conv_scaled, torch.cat([pixels_scaled, blank], 1))
+        return detector, float(np.quantile(scores.double().numpy(), KEEP))
 
 
 def regularised(covariance: np.ndarray, ridge: float) -> np.ndarray:
