@@ -12,7 +12,16 @@ import torch.nn.functional as F
 
 from bench.common import cuda_or_skip, new_network, record
 from fmnist import data
-from fmnist.train import TrainingState, autocast_dtype, compiled_network, make_step, recipe, train_epoch
+from fmnist.train import (
+    EpochGraph,
+    TrainingState,
+    autocast_dtype,
+    compiled_network,
+    make_step,
+    recipe,
+    shuffled,
+    train_epoch,
+)
 from tests import tutorial
 
 STEPS = 30          # training steps per timed round
@@ -121,25 +130,45 @@ def check_and_time(benchmark, step, images, labels, config, state, *, path: str,
            first_steps_seconds=first_steps_seconds, **extra)
 
 
+GRAPH_PATHS = [  # (path name, compile, autocast): what `fmnist train --device cuda` runs, with its options
+    ("epoch graph, eager kernels", False, False),
+    ("epoch graph, compiled kernels", True, False),
+    ("epoch graph, AMP", False, True),
+]
+
+
 @pytest.mark.benchmark(group="train")
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager kernels", "compiled kernels"])
-def test_whole_step_as_one_cuda_graph(benchmark, train_split, compiled, batch_size):
-    """The experiment of bench/graphed.py: fmnist's loop with each step one CUDA graph replay."""
+@pytest.mark.parametrize("path, compiled, amp", GRAPH_PATHS, ids=[p[0] for p in GRAPH_PATHS])
+def test_epoch_graph(benchmark, train_split, path, compiled, amp, batch_size):
+    """The whole epoch as one CUDA graph (fmnist.train.EpochGraph), as `fmnist train` runs on CUDA: each
+    round is one epoch of all 60,000 images, one replay and one wait."""
     cuda_or_skip("cuda")
-    from bench.graphed import graphed_step
-
+    device = torch.device("cuda")
     images, labels = data.to_tensors(train_split, "cuda")
-    images, labels = images[:STEPS * batch_size], labels[:STEPS * batch_size]
-    config = recipe("seed", batch_size=batch_size, device="cuda")
-    torch.manual_seed(0)
-    state = TrainingState(config, torch.device("cuda"), steps_per_epoch=STEPS)
+    config = recipe("seed", batch_size=batch_size, device="cuda", compile=compiled, amp=amp)
+    amp_dtype = autocast_dtype(amp, device)
+    torch.manual_seed(0)      # the same initial weights as reference_losses'
+    state = TrainingState(config, device, steps_per_epoch=len(images) // batch_size, amp_dtype=amp_dtype)
+    forward = compiled_network(state.model, device, in_graph=True) if compiled else state.model
     start = time.perf_counter()
-    step = graphed_step(torch.compile(state.model) if compiled else state.model, state, batch_size)
+    epoch_graph = EpochGraph(forward, state, config, len(images), amp_dtype)
     capture_seconds = time.perf_counter() - start         # warm-up steps, compilation, capture
-    check_and_time(benchmark, step, images, labels, config, state, capture_seconds=capture_seconds,
-                   path=f"whole step one CUDA graph, {'compiled' if compiled else 'eager'}",
-                   tolerance=tolerance("cuda"))
+    # The first epoch's first losses against plain eager torch on the same shuffled batches.
+    order = torch.Generator(device="cuda")
+    order.set_state(state.order.get_state())
+    shuffled_images, shuffled_labels = shuffled(images, labels, config, order)
+    epoch_graph.run(images, labels, state.order)
+    assert epoch_graph.losses[:3].tolist() == pytest.approx(
+        reference_losses(shuffled_images, shuffled_labels, batch_size), rel=tolerance("cuda", amp))
+
+    def run_round():
+        total_loss, _ = epoch_graph.run(images, labels, state.order)
+        return total_loss.item()   # the epoch's one wait
+
+    benchmark.pedantic(run_round, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, path=path, samples=len(images), batch_size=batch_size, device="cuda",
+           capture_seconds=capture_seconds)
 
 
 @pytest.mark.benchmark(group="train")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fmnist import data
-from fmnist.train import TrainingState, autocast_dtype, make_step, recipe, train
+from fmnist.train import EpochGraph, TrainingState, autocast_dtype, make_step, recipe, train, train_epoch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 
@@ -120,3 +120,102 @@ def test_a_training_step_with_ema_never_waits_for_the_gpu(device):
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert state.ema.updates == 5 and state.ema.state_dict()["n_averaged"].item() == 5
+
+
+@pytest.fixture(scope="module")
+def training_images(real_data):
+    """950 real training images: nine batches of 100 and a last one of 50."""
+    split = data.load("train", download=False)
+    return data.Split(split.images[:950], split.labels[:950])
+
+
+GRAPHED = {   # what an epoch's graph must read from the device as it goes, and what it must keep as it was
+    "seed": dict(),                                                                  # constant, fused Adam
+    "tuned-ema": dict(schedule="onecycle", ema=0.9, flip=True, shift=1, label_smoothing=0.1),  # Adam's beta moves
+    "cosine-amp": dict(schedule="cosine", amp=True),                                 # bf16 on CUDA, fp32 on CPU
+}
+
+
+@pytest.mark.parametrize("options", GRAPHED.values(), ids=GRAPHED.keys())
+def test_an_epoch_graph_takes_the_steps_of_the_loop(device, training_images, options):
+    # The same run twice from the same weights and generator: the loop step by step (train_epoch), and the
+    # epoch as one CUDA graph (on the CPU the same steps, uncaptured). Two epochs: the second replays the graph.
+    config = recipe("seed", epochs=2, lr=1e-3, device=device, **options)   # lr: rounding grows slower
+    amp_dtype = autocast_dtype(config.amp, torch.device(device))
+    images, labels = data.to_tensors(training_images, device)
+
+    def fresh():
+        torch.manual_seed(0)
+        return TrainingState(config, torch.device(device), steps_per_epoch=10, amp_dtype=amp_dtype)
+
+    loop, graphed = fresh(), fresh()
+    real_step, loop_losses = make_step(loop.model, loop, config.label_smoothing, amp_dtype), []
+
+    def recorded_step(batch, batch_labels):
+        loss, correct = real_step(batch, batch_labels)
+        loop_losses.append(loss.item())
+        return loss, correct
+
+    epoch_graph = EpochGraph(graphed.model, graphed, config, len(images), amp_dtype, capture=device == "cuda")
+    assert (epoch_graph.graph is not None) == (device == "cuda")
+    # Rounding differs (torch's fused Adam or adam_step; TF32 and bf16 on CUDA), and Adam amplifies it where a
+    # gradient is near its eps
+    closeness = dict(rel=5e-2 if amp_dtype else 1e-2) if device == "cuda" else dict(rel=1e-3)
+    for _ in range(2):
+        loop_losses.clear()
+        loop_total, loop_correct = train_epoch(recorded_step, images, labels, config, loop.order)
+        total, correct = epoch_graph.run(images, labels, graphed.order)
+        assert epoch_graph.losses.tolist() == pytest.approx(loop_losses, **closeness)
+        assert total.item() == pytest.approx(loop_total.item(), **closeness)
+        assert abs(int(correct) - int(loop_correct)) <= (0 if device == "cpu" else 20)
+    # The weights (the average's, with --ema) ended far closer to each other than to where they started.
+    start = torch.cat([p.flatten() for p in fresh().network().parameters()])
+    ends = [torch.cat([p.detach().flatten() for p in state.network().parameters()]) for state in (loop, graphed)]
+    moved, apart = (ends[0] - start).abs().max().item(), (ends[0] - ends[1]).abs().max().item()
+    assert apart < 0.25 * moved
+    # Everything the checkpoint keeps is where the loop left it: its schedule, Adam's state, the average's count.
+    saved, loop_saved = graphed.state_dict(), loop.state_dict()
+    assert saved["scheduler"] == loop_saved["scheduler"] and saved["order"].equal(loop_saved["order"])
+    assert saved["optimizer"]["param_groups"] == loop_saved["optimizer"]["param_groups"]
+    shapes = {k: [(key, v.dtype, v.device, v.shape, float(v) if key == "step" else None) for key, v in state.items()]
+              for k, state in saved["optimizer"]["state"].items()}
+    assert shapes == {k: [(key, v.dtype, v.device, v.shape, float(v) if key == "step" else None)
+                          for key, v in state.items()] for k, state in loop_saved["optimizer"]["state"].items()}
+    if config.ema:
+        assert saved["ema"]["n_averaged"].item() == loop_saved["ema"]["n_averaged"].item() == 20
+
+
+def test_an_epoch_graph_waits_for_the_gpu_once(device, training_images):
+    # A replayed epoch queues its work without the host waiting for the device (CUDA's sync debug mode makes
+    # any wait an error); the one wait is the caller's, when it reads the loss.
+    config = recipe("seed", ema=0.9, schedule="onecycle", shift=1, device=device)
+    state = TrainingState(config, torch.device(device), steps_per_epoch=10)
+    images, labels = data.to_tensors(training_images, device)
+    epoch_graph = EpochGraph(state.model, state, config, len(images), capture=device == "cuda")
+    epoch_graph.run(images, labels, state.order)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ = epoch_graph.run(images, labels, state.order)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total) and state.ema.updates == 20
+
+
+def test_an_epoch_graphs_average_copies_the_first_weights_then_moves_a_share(device, training_images):
+    config = recipe("seed", ema=0.75, device=device)   # 100 images, batch 100: one step an epoch
+    state = TrainingState(config, torch.device(device), steps_per_epoch=1)
+    images, labels = data.to_tensors(training_images, device)
+    images, labels = images[:100], labels[:100]
+    epoch_graph = EpochGraph(state.model, state, config, len(images), capture=device == "cuda")
+    epoch_graph.run(images, labels, state.order)
+    first = [p.detach().clone() for p in state.model.parameters()]
+    assert all(torch.allclose(a, w, rtol=0, atol=1e-7) for a, w in zip(state.ema.module.parameters(), first,
+                                                                        strict=True))
+    epoch_graph.run(images, labels, state.order)
+    for average, was, now in zip(state.ema.module.parameters(), first, state.model.parameters(), strict=True):
+        assert not torch.equal(was, now)
+        assert torch.allclose(average, 0.75 * was + 0.25 * now, rtol=0, atol=1e-6)
+    assert state.ema.updates == 2
