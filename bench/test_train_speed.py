@@ -12,16 +12,9 @@ import torch.nn.functional as F
 
 from bench.common import cuda_or_skip, new_network, record
 from fmnist import data
-from fmnist.train import (
-    EpochGraph,
-    TrainingState,
-    autocast_dtype,
-    compiled_network,
-    make_step,
-    recipe,
-    shuffled,
-    train_epoch,
-)
+from fmnist.graph import EpochGraph
+from fmnist.loop import TrainingState, autocast_dtype, compiled_network, make_step, shuffled, train_epoch
+from fmnist.train import recipe
 from tests import tutorial
 
 STEPS = 30          # training steps per timed round

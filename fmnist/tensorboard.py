@@ -14,7 +14,7 @@ from fmnist.config import TrainConfig
 if TYPE_CHECKING:   # for hints alone: torch is imported where the writer is made
     from torch.utils.tensorboard import SummaryWriter
 
-    from fmnist.train import Reporter
+    from fmnist.loop import Reporter
 
 # What TrainConfig holds that changes what is learned: these become the run's hparams.
 HPARAMS = ("epochs", "batch_size", "lr", "schedule", "flip", "shift", "label_smoothing", "ema", "seed")

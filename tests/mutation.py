@@ -18,7 +18,8 @@ SCOPE: dict[str, tuple[str, ...] | None] = {
     "fmnist.checkpoint": None,
     "fmnist.ood": None,
     "fmnist.runtime": ("load_image", "_decode", "_fashion_mnist_geometry"),   # the preparation of an image
-    "fmnist.train": ("TrainingState", "MovingAverage", "train_epoch", "make_step", "infer", "evaluate"),  # the loop
+    "fmnist.loop": ("TrainingState", "MovingAverage", "train_epoch", "make_step"),   # the loop
+    "fmnist.train": ("infer", "evaluate"),
     "fmnist.sweep.study": ("claim", "fail", "frozen", "heartbeat_storage", "Heartbeat"),          # the claiming
     "fmnist.sweep.workers": ("worker_id", "_is_dead", "requeue", "release_stale", "next_trial", "suggest"),
 }
@@ -106,29 +107,29 @@ WHY_EQUIVALENT: dict[str, tuple[str, ...]] = {
         'fmnist.runtime.x__fashion_mnist_geometry__mutmut_100',
         'fmnist.runtime.x__fashion_mnist_geometry__mutmut_102',),
     'on this CPU-only machine None is the CPU, where the images are (tests/test_cuda.py runs it on a GPU)': (
-        'fmnist.train.xǁTrainingStateǁ__init____mutmut_2', 'fmnist.train.xǁTrainingStateǁ__init____mutmut_4',
-        'fmnist.train.xǁTrainingStateǁ__init____mutmut_44', 'fmnist.train.xǁTrainingStateǁ__init____mutmut_46',
-        'fmnist.train.x_train_epoch__mutmut_4', 'fmnist.train.x_train_epoch__mutmut_7',
-        'fmnist.train.x_train_epoch__mutmut_11', 'fmnist.train.x_train_epoch__mutmut_13',
-        'fmnist.train.x_train_epoch__mutmut_16', 'fmnist.train.x_train_epoch__mutmut_19',),
+        'fmnist.loop.xǁTrainingStateǁ__init____mutmut_2', 'fmnist.loop.xǁTrainingStateǁ__init____mutmut_4',
+        'fmnist.loop.xǁTrainingStateǁ__init____mutmut_44', 'fmnist.loop.xǁTrainingStateǁ__init____mutmut_46',
+        'fmnist.loop.x_train_epoch__mutmut_4', 'fmnist.loop.x_train_epoch__mutmut_7',
+        'fmnist.loop.x_train_epoch__mutmut_11', 'fmnist.loop.x_train_epoch__mutmut_13',
+        'fmnist.loop.x_train_epoch__mutmut_16', 'fmnist.loop.x_train_epoch__mutmut_19',),
     'channels_last is a memory layout for speed; the values are the same': (
-        'fmnist.train.xǁTrainingStateǁ__init____mutmut_3', 'fmnist.train.xǁTrainingStateǁ__init____mutmut_5',),
+        'fmnist.loop.xǁTrainingStateǁ__init____mutmut_3', 'fmnist.loop.xǁTrainingStateǁ__init____mutmut_5',),
     'typing.cast does nothing at run time': (
-        'fmnist.train.xǁTrainingStateǁnetwork__mutmut_3',),
+        'fmnist.loop.xǁTrainingStateǁnetwork__mutmut_3',),
     'the buffer loop: the Network has no buffers, so it never runs (kept for a model that has them)': (
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_21',
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_22',
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_23',
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_24',
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_25',
-        'fmnist.train.xǁMovingAverageǁupdate_parameters__mutmut_26',),
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_21',
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_22',
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_23',
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_24',
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_25',
+        'fmnist.loop.xǁMovingAverageǁupdate_parameters__mutmut_26',),
     'assign None or omitted is False, what every caller passes': (
-        'fmnist.train.xǁMovingAverageǁload_state_dict__mutmut_6',
-        'fmnist.train.xǁMovingAverageǁload_state_dict__mutmut_9',),
+        'fmnist.loop.xǁMovingAverageǁload_state_dict__mutmut_6',
+        'fmnist.loop.xǁMovingAverageǁload_state_dict__mutmut_9',),
     'the correct count as float32: counts up to 60,000 are exact below 2**24': (
-        'fmnist.train.x_train_epoch__mutmut_17', 'fmnist.train.x_train_epoch__mutmut_20',),
+        'fmnist.loop.x_train_epoch__mutmut_17', 'fmnist.loop.x_train_epoch__mutmut_20',),
     'zeroed gradients instead of None: the next backward writes the same values': (
-        'fmnist.train.x_make_step__mutmut_21', 'fmnist.train.x_make_step__mutmut_22',),
+        'fmnist.loop.x_make_step__mutmut_21', 'fmnist.loop.x_make_step__mutmut_22',),
     "a batch of 2,001 instead of 2,000: each image's logits do not depend on its batch": (
         'fmnist.train.x_infer__mutmut_1',),
     "partition or rpartition of 'host:pid': host names hold no colon": (

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fmnist import data
-from fmnist.train import EpochGraph, TrainingState, autocast_dtype, make_step, recipe, train, train_epoch
+from fmnist.graph import EpochGraph
+from fmnist.loop import TrainingState, autocast_dtype, make_step, train_epoch
+from fmnist.train import recipe, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import FmnistError, data
+from fmnist.loop import MovingAverage, TrainingState, make_step, train_epoch
 from fmnist.model import Network
-from fmnist.train import MovingAverage, TrainingState, infer, make_step, recipe, train_epoch
+from fmnist.train import infer, recipe
 
 CPU = torch.device("cpu")
 

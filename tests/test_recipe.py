@@ -4,16 +4,8 @@ import pytest
 import torch
 
 from fmnist import FmnistError, data
-from fmnist.train import (
-    TrainConfig,
-    TrainingState,
-    autocast_dtype,
-    compile_ahead,
-    compiled_network,
-    make_step,
-    recipe,
-    train_epoch,
-)
+from fmnist.loop import TrainingState, autocast_dtype, compile_ahead, compiled_network, make_step, train_epoch
+from fmnist.train import TrainConfig, recipe
 
 
 def test_seed_recipe_is_the_tutorials():

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from fmnist import FmnistError
 from fmnist.cli import app
-from fmnist.train import Silent, recipe, train
+from fmnist.loop import Silent
+from fmnist.train import recipe, train
 from tests.conftest import run_cli
 
 
@@ -200,7 +201,7 @@ def checkpoint_of(folder, epochs_done: int, epochs: int, schedule="onecycle"):
     """A real checkpoint, written by fmnist's own code, of a run that has done `epochs_done` of `epochs`
     (untrained weights: enough for what is tested with it, and no data needed)."""
     from fmnist.checkpoint import save_checkpoint
-    from fmnist.train import TrainingState
+    from fmnist.loop import TrainingState
 
     config = recipe("tuned", epochs=epochs, schedule=schedule, device="cpu", out=str(folder))
     row = dict(epoch=0, train_loss=1.0, train_accuracy=0.5, test_loss=1.0, test_accuracy=0.5, train_seconds=1.0,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from fmnist import data
+from fmnist.loop import MovingAverage
 from fmnist.model import Network
-from fmnist.train import MovingAverage, evaluate
+from fmnist.train import evaluate
 from tests import tutorial
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds",
@@ -99,7 +100,8 @@ def test_moving_average_is_averaged_models_ema_with_its_state_dict():
 def test_a_schedule_is_planned_over_the_whole_run_not_one_epoch(schedule):
     """Stepped once a batch, the step size follows one curve over all the run's steps: down to about 0 only at
     the run's end (cosine from its peak, one-cycle after rising to it), never back up midway."""
-    from fmnist.train import TrainingState, recipe
+    from fmnist.loop import TrainingState
+    from fmnist.train import recipe
 
     config = recipe("tuned", schedule=schedule, epochs=4, lr=0.01, device="cpu")
     state = TrainingState(config, torch.device("cpu"), steps_per_epoch=25)

@@ -140,7 +140,8 @@ def run_trial(study: "optuna.Study", trial: "optuna.Trial", sweep: Sweep, placem
 
     from fmnist.checkpoint import load_checkpoint
     from fmnist.files import WriteError
-    from fmnist.train import Reporter, train
+    from fmnist.loop import Reporter
+    from fmnist.train import train
 
     params = suggest(trial, sweep)
     folder = trial.user_attrs.get("folder") or f"trial-{trial.number:04d}"
