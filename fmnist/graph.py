@@ -170,12 +170,16 @@ def adam_step(optimizer: torch.optim.Optimizer, lr: torch.Tensor, beta1: torch.T
     device tensors. torch's eager Adam reads a tensor beta with a host sync, which a CUDA graph cannot capture
     (it takes one without a sync only when torch.compile'd: pytorch pull request 134166)."""
     group = optimizer.param_groups[0]
-    beta2, eps = group["betas"][1], group["eps"]
+    beta2, eps, decay = group["betas"][1], group["eps"], group["weight_decay"]
     params: list[torch.Tensor] = list(group["params"])
     states = [optimizer.state[p] for p in params]
     grads = [cast(torch.Tensor, p.grad) for p in params]
     exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     with torch.no_grad():
+        if decay and group.get("decoupled_weight_decay"):   # AdamW: the weights shrink first, by the step size
+            torch._foreach_mul_(params, 1 - lr * decay)
+        elif decay:                                         # Adam's L2 penalty: its gradient is added
+            grads = list(torch._foreach_add(grads, params, alpha=decay))
         torch._foreach_add_([s["step"] for s in states], 1)
         step = states[0]["step"]   # every parameter has taken the same steps
         torch._foreach_mul_(exp_avgs, beta1)

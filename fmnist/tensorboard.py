@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmnist import FmnistError
-from fmnist.config import TrainConfig
+from fmnist.config import LEARNED, TrainConfig
 
 if TYPE_CHECKING:   # for hints alone: torch is imported where the writer is made
     from torch.utils.tensorboard import SummaryWriter
 
     from fmnist.loop import Reporter
 
-# What TrainConfig holds that changes what is learned: these become the run's hparams.
-HPARAMS = ("epochs", "batch_size", "lr", "schedule", "flip", "shift", "label_smoothing", "ema", "seed")
+HPARAMS = LEARNED   # what TrainConfig holds that changes what is learned: the run's hparams
 SCALARS = {  # tag in TensorBoard: key of a metrics row
     "train/loss": "train_loss", "train/accuracy": "train_accuracy",
     "test/loss": "test_loss", "test/accuracy": "test_accuracy",

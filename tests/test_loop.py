@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import FmnistError, data
+from fmnist.graph import adam_step, start_adam_state
 from fmnist.loop import MovingAverage, TrainingState, make_step, train_epoch
 from fmnist.model import Network
 from fmnist.train import infer, recipe
@@ -249,3 +250,29 @@ def test_inference_is_batched_in_eval_mode_and_covers_every_image(first):
     got = infer(model, images, batch_size=100)              # 100 + 100 + 50
     assert got.shape == (250, 10) and not model.training
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("decay", [{}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True}],
+                         ids=["none", "L2", "decoupled"])
+def test_adam_step_takes_the_steps_of_torchs_adam_as_its_first_beta_moves(decay):
+    # The epoch graph's own Adam (a step size and first beta read from tensors) against torch's fused Adam,
+    # given the same gradients, with beta1 and the step size moving as onecycle moves them.
+    torch.manual_seed(0)
+    theirs = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(3))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    reference = torch.optim.Adam(theirs, lr=0.01, fused=True, **decay)
+    optimizer = torch.optim.Adam(ours, lr=0.01, fused=True, **decay)
+    start_adam_state(optimizer)
+    for k in range(6):
+        lr, beta1 = 0.002 * (k + 1), 0.95 - 0.02 * k
+        reference.param_groups[0].update(lr=lr, betas=(beta1, 0.999))
+        for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+            a.grad = torch.randn_like(a) * (1e-7 if i else 10 ** -k)   # the bias's at the scale where eps matters
+            b.grad = a.grad.clone()
+        reference.step()
+        adam_step(optimizer, torch.tensor(lr), torch.tensor(beta1))
+    for a, b in zip(theirs, ours, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.allclose(reference.state[a][key], optimizer.state[b][key], rtol=1e-5, atol=1e-9)
+    assert float(optimizer.state[ours[0]]["step"]) == 6

@@ -12,8 +12,8 @@ import typer
 from fmnist import FmnistError, __version__
 from fmnist.cli import console
 from fmnist.cli.console import out
+from fmnist.cli.options import sweep_option, train_option, with_learned
 from fmnist.cli.usage import OneLineUsageErrors, friendly, stopped
-from fmnist.config import SCHEDULES, TrainConfig
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -42,7 +42,6 @@ def main(
         os.environ["FMNIST_DEBUG"] = "1"   # read by `friendly`
 
 
-TUNED = TrainConfig()   # the default recipe, whose values --help shows
 DataDir = Annotated[Optional[Path], typer.Option(
     help="Folder with the four Fashion-MNIST IDX files (.gz or plain); then only that folder is used. "
          "Default: $FMNIST_DATA, ./data, /usr/share/datasets/fashion-mnist, else torchvision's download.")]
@@ -50,29 +49,12 @@ DataDir = Annotated[Optional[Path], typer.Option(
 
 @app.command("train", short_help="Train the tutorial's Network; save a checkpoint after every epoch.")
 @friendly
+@with_learned(train_option)
 def train_command(
     recipe: Annotated[str, typer.Option(
         metavar="[tuned|seed]", help="tuned: reaches 91% test accuracy (see README); seed: the tutorial's recipe "
         "exactly. The options below default to the recipe's values (shown: tuned's).")] = "tuned",
-    epochs: Annotated[Optional[int], typer.Option(help="Full passes over the 60,000 training images.",
-                                                  show_default=str(TUNED.epochs))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.",
-                                                      show_default=str(TUNED.batch_size))] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate; with a schedule, its peak.",
-                                                show_default=str(TUNED.lr))] = None,
-    schedule: Annotated[Optional[str], typer.Option(metavar=f"[{'|'.join(SCHEDULES)}]", show_default=TUNED.schedule,
-                                                    help="How the step size moves, batch by batch.")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips.",
-                                                 show_default="--flip" if TUNED.flip else "--no-flip")] = None,
-    shift: Annotated[Optional[int], typer.Option(help="Random shifts of up to this many pixels (0: off).",
-                                                 show_default=str(TUNED.shift))] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the loss (0: off).",
-                                                             show_default=str(TUNED.label_smoothing))] = None,
-    ema: Annotated[Optional[float], typer.Option(
-        help="Decay of a moving average of the weights, which is then evaluated and saved (0: off).",
-        show_default=str(TUNED.ema))] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the initial weights, batch order and augmentation.",
-                                                show_default=str(TUNED.seed))] = None,
+    learned: dict = {},   # noqa: B006  (never called with it: with_learned puts the learned options here)
     device: Annotated[str, typer.Option(metavar="[auto|cpu|cuda]",
                                         help="auto takes CUDA when present.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the Network.")] = False,
@@ -90,7 +72,7 @@ def train_command(
              'folder; needs pip install "fmnist[tensorboard]".')] = None,
 ) -> None:
     """Train the tutorial's Network on Fashion-MNIST; save a checkpoint and metrics after every epoch."""
-    if any("," in text or ".." in text for text in (recipe, schedule or "")):   # the numbers' are click's to refuse
+    if any("," in text or ".." in text for text in (recipe, learned["schedule"] or "")):   # numbers: click refuses
         raise typer.BadParameter("a list or range")   # a usage error: usage_message says it is fmnist sweep's
     from fmnist import train
     from fmnist.checkpoint import saved_epoch
@@ -99,9 +81,7 @@ def train_command(
 
     placement = dict(device=device, compile=compile, amp=amp, data_dir=str(data_dir) if data_dir else None,
                      out=str(out_dir))
-    learning = dict(batch_size=batch_size, lr=lr, schedule=schedule, flip=flip, shift=shift,
-                    label_smoothing=label_smoothing, ema=ema, seed=seed, recipe=recipe, epochs=epochs)
-    config, saved = train.configure(learning, placement, resume)
+    config, saved = train.configure({**learned, "recipe": recipe}, placement, resume)
     start = time.perf_counter()
     try:
         with console.TrainingReporter() as bars:   # every way out stops its bar: the terminal gets its cursor back
@@ -235,24 +215,13 @@ def serve_command(
     console.say("stopped")
 
 
-SweepValues = Annotated[Optional[str], typer.Option(metavar="LIST|RANGE")]
-
-
 @app.command("sweep", short_help="Many training runs compared: a grid of values, or a search.")
 @friendly
+@with_learned(sweep_option)
 def sweep_command(
     recipe: Annotated[Optional[str], typer.Option(metavar="LIST", help="Recipes whose defaults the other options "
                                                   "override: tuned, seed [default: tuned].")] = None,
-    epochs: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 5 or 10,20 or 10..40.")] = None,
-    batch_size: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 100,1000.")] = None,
-    lr: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE",
-                                              help="e.g. 0.01,0.001 or 1e-4..1e-2 (searched on a log scale).")] = None,
-    schedule: Annotated[Optional[str], typer.Option(metavar="LIST", help="e.g. constant,onecycle.")] = None,
-    flip: Annotated[Optional[str], typer.Option(metavar="LIST", help="on, off or on,off.")] = None,
-    shift: SweepValues = None,
-    label_smoothing: Annotated[Optional[str], typer.Option(metavar="LIST|RANGE", help="e.g. 0..0.2.")] = None,
-    ema: SweepValues = None,
-    seeds: Annotated[Optional[str], typer.Option(metavar="LIST", help="e.g. 0,1,2: each point once per seed.")] = None,
+    learned: dict = {},   # noqa: B006  (never called with it: with_learned puts the learned options here)
     trials: Annotated[Optional[int], typer.Option(help="How many trials a search over ranges runs.")] = None,
     prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop trials whose test accuracy falls "
                                         "below the median of the others' at the same epoch.")] = False,
@@ -283,8 +252,7 @@ def sweep_command(
     if show:
         the_study = open_study_to_show(storage, out_dir, name)
     else:
-        texts = dict(recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, flip=flip,
-                     shift=shift, label_smoothing=label_smoothing, ema=ema, seed=seeds)
+        texts = {"recipe": recipe, **learned}
         placement = Placement(out_dir, device, compile, amp, str(data_dir) if data_dir else None, tensorboard)
         try:
             the_study = run_sweep(plan.from_options(texts, trials, prune), name, storage, placement, workers,

@@ -17,6 +17,7 @@ import typer.core
 
 from fmnist import FmnistError, Terminated
 from fmnist.cli.console import err, out, print_error
+from fmnist.config import LEARNED, TrainConfig, flag
 
 try:
     from typer import TyperException as UsageProblem  # typer >= 0.20 carries its own click
@@ -50,9 +51,9 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
 # Options that people bring from other tools; click's close matches (difflib) do not find these.
 ALIASES = {"--model": ("--onnx", "--checkpoint"), "--learning-rate": ("--lr",)}
-# train's options that fmnist sweep takes as lists or ranges (train's --seed is sweep's --seeds)
-SWEPT = ("--recipe", "--epochs", "--batch-size", "--lr", "--schedule", "--shift", "--label-smoothing", "--ema",
-         "--seed")
+# train's options that take a value and that fmnist sweep takes as lists or ranges (train's --seed is sweep's
+# --seeds); the on/off ones take none
+SWEPT = ("--recipe", *(flag(name) for name in LEARNED if not isinstance(getattr(TrainConfig(), name), bool)))
 
 
 def usage_message(e, ctx, args: list[str]) -> str:

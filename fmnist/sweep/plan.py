@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fmnist import FmnistError
-from fmnist.config import LEARNED, TrainConfig, flag
+from fmnist.config import LEARNED, TrainConfig, declaration, flag
 
-# The options a sweep may vary, with their types (the defaults'), in the order of the trial folders' names.
+# The options a sweep may vary, with their types (the defaults'), in the order of the trial folders' names;
+# how each may vary is declared with its TrainConfig field (fmnist.config.learned).
 SWEEPABLE = {"recipe": str, **{name: type(getattr(TrainConfig(), name)) for name in LEARNED}}
-LOG_SCALE = {"lr"}        # rates are searched on a log scale
+RANGES = {name for name in LEARNED if declaration(name).sweep in ("range", "log")}
+LOG_SCALE = {name for name in LEARNED if declaration(name).sweep == "log"}
 BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -29,6 +31,8 @@ def parse_values(name: str, text: str, cli_name: str | None = None) -> "Range | 
     if ".." in text:
         if kind not in (int, float):
             raise FmnistError(f"{option} {text}: a range lo..hi is for numbers; give a list, e.g. {option} a,b")
+        if name not in RANGES:
+            raise FmnistError(f"{option} {text}: {option} takes a list, not a range; e.g. {option} 0,1,2")
         low, high = (_value(kind, option, part.strip()) for part in text.split("..", 1))
         if not low < high:
             raise FmnistError(f"{option} {text}: a range needs lo < hi, e.g. {option} 1e-4..1e-2")
