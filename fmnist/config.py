@@ -57,6 +57,10 @@ class TrainConfig:
         0.0, "Decay of a moving average of the weights, which is then evaluated and saved (0: off).",
         rules=((lambda x: 0 <= x < 1, "must be in [0, 1), 0 for off"),), sweep="range",
         example="0,0.999 or 0.99..0.999")
+    weight_decay: float = learned(
+        0.0, "AdamW's decoupled weight decay: each step shrinks the weights by the step size times this (0: off).",
+        rules=((lambda x: x >= 0, "must be 0 or more, 0 for off"),), sweep="range",
+        example="0,1e-4,1e-3 or 0..1e-3")
     seed: int = learned(
         0, "Seed for the initial weights, batch order and augmentation.", sweep_flag="--seeds",
         example="0,1,2: each point once per seed")

@@ -58,7 +58,8 @@ class TrainingState:
         # `pytest bench/test_levers.py --benchmark-only` (figures in bench/README.md). The ignore: torch's stubs
         # have no overload of Module.to for a device and a memory format together, which Module.to takes.
         self.model: Network = Network().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True,
+                                          weight_decay=config.weight_decay, decoupled_weight_decay=True)
         total_steps = config.epochs * steps_per_epoch     # the schedules are stepped once per batch
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if config.schedule == "onecycle":

@@ -48,6 +48,7 @@ def test_version():
     (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
     (["--ema", "1.5"], "--ema 1.5: must be in [0, 1), 0 for off"),
     (["--schedule", "step"], "--schedule step: choose one of constant, onecycle, cosine"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be 0 or more, 0 for off"),
     (["--recipe", "best"], "--recipe best: choose one of tuned, seed"),
 ])
 def test_bad_train_options_are_one_line_errors(args, message, tmp_path):

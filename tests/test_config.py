@@ -25,6 +25,7 @@ BOUNDS = {
     "shift": ([0, 8], [(-1, "must be 0 to 8 pixels"), (9, "must be 0 to 8 pixels")]),
     "label_smoothing": ([0.0, 0.999], [(1.0, "must be in [0, 1)"), (-0.1, "must be in [0, 1)")]),
     "ema": ([0.0, 0.9999], [(1.0, "must be in [0, 1), 0 for off"), (-0.5, "must be in [0, 1), 0 for off")]),
+    "weight_decay": ([0.0, 0.5], [(-1e-4, "must be 0 or more, 0 for off")]),
 }
 
 
@@ -75,3 +76,13 @@ def test_a_list_only_option_refuses_a_range_and_a_range_option_takes_one():
         plan.parse_values("seed", "0..3", "--seeds")
     with pytest.raises(FmnistError, match="a range lo..hi is for numbers"):
         plan.parse_values("schedule", "a..b")
+
+
+def test_a_sweep_takes_weight_decay_as_a_list_or_a_range():
+    grid = plan.from_options({"weight_decay": "0,1e-4,1e-3", "epochs": "1"}, None, False)
+    assert grid.grid() == [{"weight_decay": 0.0}, {"weight_decay": 1e-4}, {"weight_decay": 1e-3}]
+    assert plan.trial_config(grid.grid()[1], grid.fixed, "out").weight_decay == 1e-4
+    search = plan.from_options({"weight_decay": "0..1e-3"}, 4, False)
+    assert search.values["weight_decay"] == plan.Range(0.0, 1e-3) and "weight_decay" not in plan.LOG_SCALE
+    with pytest.raises(FmnistError, match="--weight-decay -0.001: must be 0 or more"):
+        plan.from_options({"weight_decay": "-1e-3,0"}, None, False)

@@ -134,7 +134,7 @@ def training_images(real_data):
 GRAPHED = {   # what an epoch's graph must read from the device as it goes, and what it must keep as it was
     "seed": dict(),                                                                  # constant, fused Adam
     "tuned-ema": dict(schedule="onecycle", ema=0.9, flip=True, shift=1, label_smoothing=0.1),  # Adam's beta moves
-    "cosine-amp": dict(schedule="cosine", amp=True),                                 # bf16 on CUDA, fp32 on CPU
+    "cosine-amp": dict(schedule="cosine", amp=True, weight_decay=0.05),              # bf16 on CUDA, fp32 on CPU
 }
 
 

@@ -276,3 +276,22 @@ def test_adam_step_takes_the_steps_of_torchs_adam_as_its_first_beta_moves(decay)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.allclose(reference.state[a][key], optimizer.state[b][key], rtol=1e-5, atol=1e-9)
     assert float(optimizer.state[ours[0]]["step"]) == 6
+
+
+def test_weight_decay_is_adamws_and_zero_is_adam():
+    torch.manual_seed(0)
+    for decay in (0.0, 0.1):
+        state = state_of(weight_decay=decay)
+        reference_model = Network()
+        reference_model.load_state_dict(state.model.state_dict())
+        reference = torch.optim.AdamW(reference_model.parameters(), lr=state_of().optimizer.defaults["lr"],
+                                      weight_decay=decay)
+        for _ in range(3):
+            for p, q in zip(state.model.parameters(), reference_model.parameters(), strict=True):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            state.optimizer.step()
+            reference.step()
+        for p, q in zip(state.model.parameters(), reference_model.parameters(), strict=True):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert state_of().optimizer.defaults["weight_decay"] == 0.0

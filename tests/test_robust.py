@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fmnist import FmnistError
+from fmnist import FmnistError, train as train_module
 from fmnist.cli import app
 from fmnist.loop import Silent
 from fmnist.train import recipe, train
@@ -391,3 +391,17 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     result = run_cli("train", "--epochs", "1", "--data-dir", tmp_path / "no-data", "--out", tmp_path / "a" / "b")
     assert result.exit_code == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_a_checkpoint_from_before_weight_decay_resumes_as_it_was(tmp_path):
+    # Written by an fmnist without --weight-decay: no such key in its config, and Adam's groups not decoupled.
+    path = checkpoint_of(tmp_path, epochs_done=2, epochs=2, schedule="constant")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["weight_decay"]
+    for group in checkpoint["training"]["optimizer"]["param_groups"]:
+        group["decoupled_weight_decay"] = False
+    torch.save(checkpoint, path)
+    config, saved = train_module.resumed_config(None, str(tmp_path), changed={})
+    assert config.weight_decay == 0.0 and saved["epoch"] == 2
+    result = run_cli("train", "--resume", "--out", tmp_path)
+    assert result.exit_code == 0 and "nothing to resume" in result.output, result.output

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fmnist.config import LEARNED
 from fmnist.sweep import plan as plans, results, study as studies, workers
 from tests import tutorial
 from tests.conftest import run_cli
@@ -234,16 +235,26 @@ def test_an_unknown_option_is_one_line(tmp_path):
 
 def test_train_writes_tensorboard_events_of_every_epoch(tmp_path, real_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     result = run_cli("train", "--recipe", "seed", "--epochs", "2", "--batch-size", "2000", "--device", "cpu",
-                     "--out", tmp_path, "--tensorboard", tmp_path / "tb")
+                     "--weight-decay", "0.01", "--out", tmp_path, "--tensorboard", tmp_path / "tb")
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     rows = metrics(tmp_path)
     for tag, key in (("test/accuracy", "test_accuracy"), ("train/loss", "train_loss")):
         assert [(e.step, e.value) for e in events.Scalars(tag)] == [(r["epoch"], pytest.approx(r[key])) for r in rows]
-    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    content = events.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in content
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    recorded = hparams.session_start_info.hparams
+    assert set(recorded) == set(LEARNED) and recorded["weight_decay"].number_value == pytest.approx(0.01)
+    assert recorded["lr"].number_value == pytest.approx(0.01) and recorded["schedule"].string_value == "constant"
+    checkpoint = torch.load(tmp_path / "fmnist.pt", weights_only=True)   # the run's config keeps it too
+    assert checkpoint["config"]["weight_decay"] == 0.01
+    optimizer = checkpoint["training"]["optimizer"]["param_groups"][0]
+    assert optimizer["weight_decay"] == 0.01 and optimizer["decoupled_weight_decay"] is True
 
 
 def test_tensorboard_without_the_extra_names_it(tmp_path, monkeypatch):
