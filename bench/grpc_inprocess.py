@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from fmnist.serve import rpc
 from fmnist.serve.batching import Batcher
-from fmnist.serve.endpoints import ONE_THREAD_BELOW, Endpoints, Model
+from fmnist.serve.dataplane import ONE_THREAD_BELOW, DataPlane, Model
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.statistics import Statistics
 
@@ -25,10 +25,10 @@ from fmnist.serve.statistics import Statistics
 async def measure(onnx: str, calls: int, inline_below: int) -> tuple[float, float]:
     """Microseconds a call: one at a time, and 16 at a time."""
     metrics = Metrics()
-    endpoints = Endpoints(metrics, Statistics("fmnist", "1"), b"")
+    plane = DataPlane(Statistics("fmnist", "1"))
     model = Model(onnx, threads=2)
-    endpoints.load(model, Batcher(model.run, 256, 0, 16384, inline_below=inline_below))
-    service = rpc.Service(endpoints, metrics)
+    plane.load(model, Batcher(model.run, 256, 0, 16384, inline_below=inline_below))
+    service = rpc.Service(plane, metrics)
     request = pb.ModelInferRequest(model_name="fmnist")
     request.inputs.add(name="images", datatype="FP32", shape=[1, 1, 28, 28])
     request.raw_input_contents.append(np.zeros((1, 1, 28, 28), "<f4").tobytes())

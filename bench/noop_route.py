@@ -1,20 +1,17 @@
 """The app the serving benchmark runs: `fmnist serve`'s own, plus POST /bench/noop, the benchmarks' bound. The
-benchmark passes app() to fmnist.serve.serve as its factory, so the server runs the command's code path."""
-
-from starlette.requests import Request
-from starlette.responses import Response
+benchmark passes app() to fmnist.serve.launcher.serve as its factory, so the server runs the command's code path."""
 
 from fmnist.serve.launcher import from_environment
+from fmnist.serve.rest import Answer, Call, RestApp, Route
 
 
-async def noop(request: Request) -> Response:
-    """Reads the body and answers {}: the HTTP stack alone. A plain Starlette route, as the infer routes are."""
-    await request.body()
-    return Response(b"{}", media_type="application/json")
+async def noop(call: Call) -> Answer:
+    """Answers {} to a body already read: the HTTP stack and the one pipeline alone, as every route has them."""
+    return Answer(200, b"{}")
 
 
-def app():
+def app() -> RestApp:
     """uvicorn's factory in the server process: the app from_environment builds, with the no-op route."""
     served = from_environment()
-    served.app.router.add_route("/bench/noop", noop, methods=["POST"])   # FastAPI's app, behind the hot path
+    served.router.add(Route("POST", "/bench/noop", noop))
     return served

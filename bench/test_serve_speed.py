@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
+pytest.importorskip("starlette", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 pytest.importorskip("uvicorn", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 
 from bench.common import new_network, record  # noqa: E402
@@ -58,9 +58,8 @@ class ServerProcess:
     """fmnist.serve.serve(Settings(...)) in its own process on a free loopback port, its app with the no-op route
     (bench/noop_route.py); its log in a file."""
 
-    CODE = ("import json, sys; from fmnist.serve import Settings, serve; "
-            "serve(Settings(**json.loads(sys.argv[1])), '127.0.0.1', int(sys.argv[2]), "
-            "factory='bench.noop_route:app')")
+    CODE = ("import json, sys; from fmnist.serve.launcher import serve; from fmnist.serve.settings import Settings; "
+            "serve(Settings(**json.loads(sys.argv[1]), port=int(sys.argv[2])), factory='bench.noop_route:app')")
 
     def __init__(self, onnx: Path, **settings):
         self.settings = settings
@@ -69,7 +68,7 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile(mode="w+")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", self.CODE, json.dumps({"onnx": str(onnx), **settings}),
+            [sys.executable, "-c", self.CODE, json.dumps({"onnx": str(onnx), "grpc_port": 0, **settings}),
              str(self.port)], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

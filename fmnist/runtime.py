@@ -100,7 +100,8 @@ def evaluation(labels: np.ndarray, predicted: np.ndarray, num_classes: int = 10)
 
 # ---- prediction on image files -------------------------------------------------------------------
 
-MAX_TOP = 10   # the most classes a prediction lists (predict --top, /predict?top=): there are 10
+TOP = 3        # how many classes a prediction lists unless asked (predict --top, /predict?top=)
+MAX_TOP = 10   # the most classes a prediction lists: there are 10
 TRIM_TOLERANCE = 0.05 * 255   # the paper's trimming: pixels within 5% of the corner colour are background
 PLAIN_TOLERANCE = 0.10 * 255  # a plain background: most of the border within 10% of its median level (JPEG noise
 STUDIO_LEVEL = 40            # a background negated to this level or under (a photo's of 215..255) goes to black
@@ -213,7 +214,7 @@ def _background_to_black(pixels: np.ndarray) -> np.ndarray:
     return np.clip((pixels - background) * (top / (top - background)), 0, 255)
 
 
-def predict_file(sess: "ort.InferenceSession", path: str | Path, invert: bool | None = None, k: int = 3) -> dict:
+def predict_file(sess: "ort.InferenceSession", path: str | Path, invert: bool | None = None, k: int = TOP) -> dict:
     """`fmnist predict`'s answer for one image file: its name, whether it was negated and its border's kind
     (load_image), its k most probable classes, and whether it looks like a Fashion-MNIST item."""
     prepared = load_image(path, invert)
@@ -231,7 +232,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predictions(sess: "ort.InferenceSession", images: np.ndarray, k: int = 3) -> list[dict]:
+def predictions(sess: "ort.InferenceSession", images: np.ndarray, k: int = TOP) -> list[dict]:
     """For each image (N, 1, 28, 28): its k most probable classes, most probable first, and whether it is out of
     Fashion-MNIST's distribution with its ood_score (both None where the model cannot tell)."""
     all_logits, scores = run(sess, images)
@@ -239,7 +240,7 @@ def predictions(sess: "ort.InferenceSession", images: np.ndarray, k: int = 3) ->
 
 
 def predictions_from(all_logits: np.ndarray, scores: np.ndarray | None, names: list[str], threshold: float | None,
-                     k: int = 3) -> list[dict]:
+                     k: int = TOP) -> list[dict]:
     """`predictions` from outputs already computed (the server's batches)."""
     results = []
     for i, probabilities in enumerate(softmax(all_logits)):

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from fmnist.serve.batching import Batcher, Overloaded
+from fmnist.serve.batching import Batcher
+from fmnist.serve.errors import Overloaded
 
 
 def images(first: int, count: int) -> np.ndarray:

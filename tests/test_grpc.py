@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
+pytest.importorskip("starlette", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the tests drive the server with tritonclient[grpc]")
 httpclient = pytest.importorskip("tritonclient.http", reason="and compare with tritonclient[http]")
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.images import product_photo
 
-pytest.importorskip("fastapi", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
+pytest.importorskip("starlette", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 
 CHROMIUM = "/usr/bin/chromium"   # Debian's: Playwright's own download is not reachable from every machine
 LAPTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}

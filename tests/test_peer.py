@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
+pytest.importorskip("starlette", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 httpclient = pytest.importorskip("tritonclient.http", reason="the tests drive the servers with tritonclient[http]")
 
 from bench.triton import peer  # noqa: E402
@@ -74,7 +74,7 @@ def test_perf_analyzers_random_data_is_refused_with_what_to_send(tools, fmnist_s
 
 @pytest.fixture(scope="module")
 def triton_server(tools, exported, tmp_path_factory):
-    from fmnist.serve.triton import write_model_repository
+    from fmnist.triton import write_model_repository
 
     repository = write_model_repository(exported[0], tmp_path_factory.mktemp("triton")).parent
     with peer.triton(tools, repository) as running:

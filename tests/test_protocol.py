@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
+from fmnist.serve.errors import InvalidInput
 from fmnist.serve.protocol import (
     BINARY_HEADER,
     DATATYPES,
-    ProtocolError,
     WantedOutput,
     classification,
     error_body,
@@ -43,7 +43,7 @@ def read(body: bytes, header_length: str | None = None) -> np.ndarray:
 
 def refusal(body: bytes | dict, header_length: str | None = None) -> str:
     """The message a request is refused with (it must be refused)."""
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         read(json.dumps(body).encode() if isinstance(body, dict) else body, header_length)
     return str(caught.value)
 
@@ -156,7 +156,7 @@ def test_an_input_the_model_does_not_have_is_refused_wherever_it_stands(names):
     tensor = {"shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}
     body = json.dumps({"inputs": [{"name": name, **tensor} for name in names]}).encode()
     expected = f"inputs {names!r}: this model takes exactly one input, 'images'"
-    with pytest.raises(ProtocolError, match=re.escape(expected)):
+    with pytest.raises(InvalidInput, match=re.escape(expected)):
         read(body)
 
 
@@ -204,7 +204,7 @@ def test_the_outputs_asked_for_are_the_ones_sent_each_as_asked():
 ])
 def test_bad_outputs_are_refused_with_words_that_say_what_to_fix(outputs, message):
     request = parse_request(json.dumps({**one(), "outputs": outputs}).encode(), None)[0]
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         wanted_outputs(request, ["logits", "ood_score"])
     assert str(caught.value) == message
 
@@ -215,7 +215,7 @@ def test_classification_is_the_top_classes_as_value_index_label_largest_first():
     assert got.tolist() == [["3.000000:1:b", "3.000000:3:d", "0.500000:0:a"],
                             ["2.000000:0:a", "1.000000:1:b", "0.000000:2:c"]]   # ties: the lower index first
     assert classification(values, 9, ["a", "b", "c", "d"]).shape == (2, 4)       # at most every class
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         classification(values[0], 2, ["a", "b", "c", "d"])
     assert str(caught.value) == "classification needs an output with one row of class values per image (logits)"
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
+pytest.importorskip("starlette", reason="fmnist serve needs the extra: pip install 'fmnist[serve]'")
 httpclient = pytest.importorskip("tritonclient.http", reason="the tests drive the server with tritonclient[http]")
 
 from fmnist import runtime  # noqa: E402
@@ -46,8 +46,10 @@ def running(onnx, **settings):
     for settings the command line does not offer (a tiny queue)."""
     import uvicorn
 
-    from fmnist.serve import Settings, create_app
+    from fmnist.serve.rest import create_app
+    from fmnist.serve.settings import Settings
 
+    settings = {"grpc_port": 0, **settings}   # REST alone, unless a test asks for gRPC
     config = uvicorn.Config(create_app(Settings(onnx=str(onnx), **settings)), host="127.0.0.1", port=free_port(),
                             log_level="warning", access_log=False)
     server = uvicorn.Server(config)
@@ -138,7 +140,7 @@ def test_config_route_is_the_repositorys_config_pbtxt_under_tritons_schema(serve
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
-    from fmnist.serve.triton import write_model_repository
+    from fmnist.triton import write_model_repository
 
     served = client(server.url).get_model_config("fmnist")
     assert client(server.url).get_model_config("fmnist", model_version="1") == served
@@ -174,7 +176,7 @@ def test_statistics_count_requests_runs_and_their_time_as_triton_does(exported, 
 
 
 def test_runs_of_few_images_on_the_one_thread_session_agree_with_the_others(exported, images):
-    from fmnist.serve.endpoints import ONE_THREAD_BELOW, Model
+    from fmnist.serve.dataplane import ONE_THREAD_BELOW, Model
 
     model = Model(str(exported[0]), threads=2)
     assert model.small is not model.session
@@ -520,12 +522,14 @@ def test_a_missing_model_is_one_line_before_the_server_starts(tmp_path):
 
 
 def test_without_the_serve_extra_it_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastapi", None)   # as if not installed: importing it raises ImportError
+    for name in ["starlette", *(name for name in sys.modules if name.startswith("starlette."))]:
+        monkeypatch.setitem(sys.modules, name, None)   # as if not installed: importing it raises ImportError
     for name in [name for name in sys.modules if name == "fmnist.serve" or name.startswith("fmnist.serve.")]:
         monkeypatch.delitem(sys.modules, name)   # the package and its modules are imported afresh, as in a new process
     monkeypatch.delattr("fmnist.serve", raising=False)
     result = run_cli("serve")
-    assert result.exit_code == 1 and 'pip install "fmnist[serve]"' in result.stderr
+    assert result.exit_code == 1 and result.stderr.strip() == 'error: fmnist serve needs starlette: pip install ' \
+        '"fmnist[serve]"'
 
 
 def test_the_server_never_imports_torch():
@@ -539,8 +543,8 @@ def test_the_server_never_imports_torch():
     reply = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert reply.returncode == 0, reply.stderr
     imported, training = json.loads(reply.stdout)
-    assert {"fmnist.serve.app", "fmnist.serve.endpoints", "fmnist.serve.launcher", "fmnist.serve.protocol",
-            "fmnist.serve.batching", "fmnist.serve.triton"} <= set(imported)
+    assert {"fmnist.serve.rest", "fmnist.serve.dataplane", "fmnist.serve.rpc", "fmnist.serve.launcher",
+            "fmnist.serve.protocol", "fmnist.serve.batching"} <= set(imported)
     assert training == []
 
 
@@ -558,7 +562,8 @@ def test_fuzz_no_route_answers_500_and_the_server_goes_on(exported):
     from hypothesis import HealthCheck, given, settings, strategies as st
     from starlette.testclient import TestClient
 
-    from fmnist.serve import Settings, create_app
+    from fmnist.serve.rest import create_app
+    from fmnist.serve.settings import Settings
 
     def mostly(valid, strategy):   # the valid value three times in four
         return st.integers(0, 3).flatmap(lambda i: strategy if i == 3 else st.just(valid))
@@ -604,7 +609,7 @@ def test_fuzz_no_route_answers_500_and_the_server_goes_on(exported):
             body, extra = body[0], {**extra, **body[1]}
         return method, path, body, extra
 
-    with TestClient(create_app(Settings(onnx=str(exported[0]))), raise_server_exceptions=False) as http:
+    with TestClient(create_app(Settings(onnx=str(exported[0]), grpc_port=0)), raise_server_exceptions=False) as http:
         @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         @given(requests())
         def answers_below_500(request):

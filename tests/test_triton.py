@@ -14,9 +14,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import triton_to_np_dtype
 
-from fmnist import FmnistError, data
+from fmnist import FmnistError, data, triton
 from fmnist.model import CLASSES
-from fmnist.serve import triton
 from tests.conftest import run_cli
 
 
@@ -160,10 +159,10 @@ def test_triton_without_onnx_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_the_repository_writer_needs_neither_the_serve_extra_nor_torch():
-    """`fmnist export --triton` imports fmnist.serve.triton, and with it the package fmnist.serve: in a new
-    process where fastapi, starlette, uvicorn and prometheus_client cannot be imported, both import, torch not."""
-    code = ("import sys; sys.modules.update(dict.fromkeys(['fastapi', 'starlette', 'uvicorn', 'prometheus_client']))\n"
-            "import fmnist.serve.triton\n"
+    """`fmnist export --triton` imports fmnist.triton: in a new process where the serve extra's packages (starlette,
+    uvicorn, prometheus_client, grpc) cannot be imported, it imports, and torch does not come in."""
+    code = ("import sys; sys.modules.update(dict.fromkeys(['starlette', 'uvicorn', 'prometheus_client', 'grpc']))\n"
+            "import fmnist.triton\n"
             "print('torch' in sys.modules)")
     reply = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert reply.returncode == 0, reply.stderr

@@ -77,7 +77,7 @@ def main() -> None:
     tools = peer.tools()
     if isinstance(tools, str):
         raise SystemExit(tools)
-    from fmnist.serve.triton import write_model_repository
+    from fmnist.triton import write_model_repository
     from tests.conftest import Server
 
     with tempfile.TemporaryDirectory(prefix="fmnist-compare-") as folder:

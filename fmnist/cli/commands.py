@@ -14,6 +14,7 @@ from fmnist.cli import console
 from fmnist.cli.console import out
 from fmnist.cli.options import sweep_option, train_option, with_learned
 from fmnist.cli.usage import OneLineUsageErrors, friendly, stopped
+from fmnist.serve.settings import DEFAULTS as SERVE, Settings
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -113,11 +114,11 @@ def export_command(
     from fmnist.ood import KEEP
 
     if triton:
-        from fmnist.serve.triton import check_target
+        from fmnist.triton import check_target
         check_target(triton)   # refused before the export, not after its minute of work
     console.print_export(export_onnx(checkpoint, output, data_dir), TOLERANCE, KEEP, output)
     if triton:
-        from fmnist.serve.triton import write_model_repository
+        from fmnist.triton import write_model_repository
         console.print_triton(write_model_repository(output, triton), triton)
 
 
@@ -191,27 +192,28 @@ def predict_command(
 @app.command("serve", short_help="Serve the model over HTTP: KServe v2, a page, metrics.")
 @friendly
 def serve_command(
-    onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path("export/fmnist.onnx"),
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    onnx: Annotated[Path, typer.Option("--onnx", help="The exported model.")] = Path(SERVE.onnx),
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network.")] = SERVE.host,
+    port: Annotated[int, typer.Option(help="TCP port.")] = SERVE.port,
     grpc_port: Annotated[int, typer.Option(help="TCP port of the same protocol over gRPC, as Triton's 8001; "
-                                           "0: none.")] = 8001,
-    workers: Annotated[int, typer.Option(help="Server processes, each with its share of the cores.")] = 1,
+                                           "0: none.")] = SERVE.grpc_port,
+    workers: Annotated[int, typer.Option(help="Server processes, each with its share of the cores.")] = SERVE.workers,
     max_batch: Annotated[int, typer.Option(help="Most images in one onnxruntime run, from requests that arrive "
-                                           "together (dynamic batching); 1 turns it off.")] = 256,
-    max_delay_ms: Annotated[float, typer.Option(help="How long a run waits for more requests after the first.")] = 0.0,
-    max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 32.0,
+                                           "together (dynamic batching); 1 turns it off.")] = SERVE.max_batch,
+    max_delay_ms: Annotated[float, typer.Option(
+        help="How long a run waits for more requests after the first.")] = SERVE.max_delay_ms,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = SERVE.max_body_mb,
 ) -> None:
-    """Answer requests over HTTP with onnxruntime (no torch): the KServe v2 / Triton protocol at /v2, image
-    files at /predict, a page for people at /, Prometheus metrics at /metrics."""
+    """Answer requests over HTTP and gRPC with onnxruntime (no torch): the KServe v2 / Triton protocol at /v2,
+    image files at /predict, a page for people at /, Prometheus metrics at /metrics."""
     try:   # the serve extra's packages are imported here: without one, the line below names the extra
-        from fmnist.serve.app import Settings
         from fmnist.serve.launcher import serve
     except ImportError as e:
-        raise FmnistError(f"fmnist serve needs {e.name}: pip install \"fmnist[serve]\"") from None
-    settings = Settings(onnx=str(onnx), max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb,
-                        grpc_port=grpc_port)
-    serve(settings, host, port, workers, on_start=console.serving(onnx, host, grpc_port))
+        raise FmnistError(f"fmnist serve needs {(e.name or '?').split('.')[0]}: pip install \"fmnist[serve]\"") \
+            from None
+    settings = Settings(onnx=str(onnx), host=host, port=port, grpc_port=grpc_port, workers=workers,
+                        max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_mb=max_body_mb)
+    serve(settings, on_start=console.serving(onnx, host, grpc_port))
     console.say("stopped")
 
 

@@ -17,9 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-
-class Overloaded(Exception):
-    """The queue is full: the server answers 503 with Retry-After rather than holding ever more memory."""
+from fmnist.serve.errors import Overloaded
 
 
 @dataclass

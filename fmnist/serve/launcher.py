@@ -11,30 +11,30 @@ from dataclasses import asdict, replace
 import uvicorn
 
 from fmnist import FmnistError
-from fmnist.serve.app import Settings, create_app
-from fmnist.serve.endpoints import Model
-from fmnist.serve.hotpath import InferPath
+from fmnist.serve.dataplane import Model
+from fmnist.serve.rest import RestApp, create_app
+from fmnist.serve.settings import Settings
 
 FACTORY = "fmnist.serve.launcher:from_environment"   # what each worker process imports and calls for its app
 
 
-def from_environment() -> InferPath:
+def from_environment() -> RestApp:
     """The app for uvicorn's worker processes (`--workers`): settings from FMNIST_SERVE, set by `serve`."""
     return create_app(Settings(**json.loads(os.environ["FMNIST_SERVE"])))
 
 
-def serve(settings: Settings, host: str, port: int, workers: int = 1,
-          on_start: Callable[[int], object] | None = None, factory: str = FACTORY) -> None:
-    """Run the server until Ctrl-C. Each of `workers` processes gets its share of the cores for onnxruntime.
-    Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on. `factory`:
-    the import string ("module:function") of what makes each process's app, from_environment unless a benchmark
-    adds routes of its own."""
-    _check(settings, port, workers)
+def serve(settings: Settings, on_start: Callable[[int], object] | None = None, factory: str = FACTORY) -> None:
+    """Run the server until Ctrl-C. Each of settings.workers processes gets its share of the cores for
+    onnxruntime. Port 0: a free port, the one the system gives; on_start(port) is told the port it listens on.
+    `factory`: the import string ("module:function") of what makes each process's app, from_environment unless
+    a benchmark adds routes of its own."""
+    _check(settings)
     Model(settings.onnx, settings.threads)   # fails with one line, before the server starts, if it cannot serve
-    port = _bindable(host, port)
+    host, workers = settings.host, settings.workers
+    port = _bindable(host, settings.port)
     if settings.grpc_port:
         _bindable(host, settings.grpc_port, "--grpc-port")
-    settings = replace(settings, host=host)
+    settings = replace(settings, port=port)
     if settings.threads == 0:
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // workers))
     os.environ["FMNIST_SERVE"] = json.dumps(asdict(settings))
@@ -47,13 +47,13 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1,
                     access_log=False, timeout_graceful_shutdown=5)
 
 
-def _check(settings: Settings, port: int, workers: int) -> None:
+def _check(settings: Settings) -> None:
     """Each number `fmnist serve` was given, in range, in the words of its options."""
-    for name, value, least in (("--workers", workers, 1), ("--max-batch", settings.max_batch, 1)):
+    for name, value, least in (("--workers", settings.workers, 1), ("--max-batch", settings.max_batch, 1)):
         if value < least:
             raise FmnistError(f"{name} {value}: must be {least} or more")
-    if not 0 <= port <= 65535:
-        raise FmnistError(f"--port {port}: must be 0 to 65535 (0: a free port, chosen by the system)")
+    if not 0 <= settings.port <= 65535:
+        raise FmnistError(f"--port {settings.port}: must be 0 to 65535 (0: a free port, chosen by the system)")
     if not 0 <= settings.grpc_port <= 65535:
         raise FmnistError(f"--grpc-port {settings.grpc_port}: must be 0 to 65535 (0: no gRPC)")
     if settings.max_delay_ms < 0 or settings.max_body_mb <= 0:

@@ -9,8 +9,8 @@ Read beside the protocol's own pages, line by line:
 A request is JSON, or, with the binary extension, JSON of `Inference-Header-Content-Length` bytes followed by
 the raw bytes of each input that says `"parameters": {"binary_data_size": n}`, in the order of the inputs.
 Outputs come back the same way when asked (`binary_data` on an output, or `binary_data_output` for all), which
-is what tritonclient.http does by default. Everything wrong with a request is a ProtocolError: the server
-answers 400 with `{"error": "..."}`, the protocol's error form.
+is what tritonclient.http does by default. Everything wrong with a request is an InvalidInput
+(fmnist.serve.errors): REST answers 400 with `{"error": "..."}`, the protocol's error form.
 """
 
 import json
@@ -21,14 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from fmnist.serve.errors import InvalidInput
+
 # The protocol's datatypes that fmnist's tensors use, and the numpy types they are on the wire (little endian).
 DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
                                    "UINT8": np.dtype("u1")}
 BINARY_HEADER = "Inference-Header-Content-Length"
-
-
-class ProtocolError(ValueError):
-    """A request the protocol or the model cannot take; its message says what to fix."""
 
 
 class RequestInput(BaseModel):
@@ -56,7 +54,7 @@ class InferenceRequest(BaseModel):
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
     """The request's JSON part, and the binary bytes that follow it (empty without the extension)."""
     if not body:
-        raise ProtocolError("empty body: send an inference request, e.g. "
+        raise InvalidInput("empty body: send an inference request, e.g. "
                             '{"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", '
                             '"data": [...]}]}')
     if header_length is None:
@@ -67,13 +65,13 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
         except ValueError:
             length = -1
         if not 0 < length <= len(body):
-            raise ProtocolError(f"{BINARY_HEADER}: {header_length!r} is not a length within the body's "
+            raise InvalidInput(f"{BINARY_HEADER}: {header_length!r} is not a length within the body's "
                                 f"{len(body)} bytes; it must be the byte length of the JSON that starts the body")
         json_part, binary = body[:length], body[length:]
     try:
         return InferenceRequest.model_validate_json(json_part), binary
     except ValidationError as e:
-        raise ProtocolError(f"not a valid inference request: {_first_problem(e)}") from None
+        raise InvalidInput(f"not a valid inference request: {_first_problem(e)}") from None
 
 
 def _first_problem(e: ValidationError) -> str:
@@ -88,22 +86,22 @@ def input_tensor(request: InferenceRequest, binary: bytes, name: str, shape: tup
     """The one input the model takes, as a float32 array, checked against the model's `shape` (-1: any size)."""
     names = [i.name for i in request.inputs]
     if names != [name]:
-        raise ProtocolError(f"inputs {names}: this model takes exactly one input, {name!r} "
+        raise InvalidInput(f"inputs {names}: this model takes exactly one input, {name!r} "
                             f"({datatype} {_shape_text(shape)})")
     tensor = request.inputs[0]
     if tensor.datatype not in DATATYPES:
-        raise ProtocolError(f"input {name!r}: datatype {tensor.datatype!r} is not supported; send {datatype}")
+        raise InvalidInput(f"input {name!r}: datatype {tensor.datatype!r} is not supported; send {datatype}")
     if len(tensor.shape) != len(shape) \
             or any(want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=True)) \
             or any(got < 0 for got in tensor.shape):
-        raise ProtocolError(f"input {name!r}: shape {tensor.shape} does not fit the model's {_shape_text(shape)}")
+        raise InvalidInput(f"input {name!r}: shape {tensor.shape} does not fit the model's {_shape_text(shape)}")
     size = (tensor.parameters or {}).get("binary_data_size")
     array = _binary_values(tensor, binary, size) if size is not None else _json_values(tensor, binary)
     array = array.reshape(tensor.shape).astype(np.float32, copy=False)
     if array.size and not 0 <= array.min() <= array.max() <= 1:   # False for NaN too: one pass each, on the hot path
         if not np.isfinite(array).all():
-            raise ProtocolError(f"input {name!r}: contains NaN or infinity; pixels must be numbers in [0, 1]")
-        raise ProtocolError(f"input {name!r}: pixels must be in [0, 1] (got {array.min():g} to {array.max():g}); "
+            raise InvalidInput(f"input {name!r}: contains NaN or infinity; pixels must be numbers in [0, 1]")
+        raise InvalidInput(f"input {name!r}: pixels must be in [0, 1] (got {array.min():g} to {array.max():g}); "
                             "divide 8-bit pixels by 255")
     return array
 
@@ -113,12 +111,12 @@ def _binary_values(tensor: RequestInput, binary: bytes, size: object) -> np.ndar
     count = math.prod(tensor.shape)   # exact: numpy's int64 product wraps around for a huge shape
     dtype = DATATYPES[tensor.datatype]
     if tensor.data is not None:
-        raise ProtocolError(f"input {tensor.name!r}: give either data or binary_data_size, not both")
+        raise InvalidInput(f"input {tensor.name!r}: give either data or binary_data_size, not both")
     if size != len(binary):
-        raise ProtocolError(f"input {tensor.name!r}: binary_data_size is {size} but {len(binary)} bytes follow the "
+        raise InvalidInput(f"input {tensor.name!r}: binary_data_size is {size} but {len(binary)} bytes follow the "
                             "JSON header")
     if size != count * dtype.itemsize:
-        raise ProtocolError(f"input {tensor.name!r}: {size} bytes is not {count} {tensor.datatype} values "
+        raise InvalidInput(f"input {tensor.name!r}: {size} bytes is not {count} {tensor.datatype} values "
                             f"(shape {tensor.shape}: {count * dtype.itemsize} bytes)")
     return np.frombuffer(binary, dtype=dtype)
 
@@ -126,18 +124,18 @@ def _binary_values(tensor: RequestInput, binary: bytes, size: object) -> np.ndar
 def _json_values(tensor: RequestInput, binary: bytes) -> np.ndarray:
     """The input's values from its `data`, a flat or nested list."""
     if binary:
-        raise ProtocolError(f"{len(binary)} bytes follow the JSON header but no input has binary_data_size")
+        raise InvalidInput(f"{len(binary)} bytes follow the JSON header but no input has binary_data_size")
     if tensor.data is None:
-        raise ProtocolError(f"input {tensor.name!r}: no data; "
+        raise InvalidInput(f"input {tensor.name!r}: no data; "
                             "give data, or binary_data_size with the bytes after the JSON")
     try:
         array = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     except (ValueError, TypeError, OverflowError):   # OverflowError: 300 as UINT8, 10**400 as FP32
-        raise ProtocolError(f"input {tensor.name!r}: data must be numbers ({tensor.datatype}), as a flat or nested "
+        raise InvalidInput(f"input {tensor.name!r}: data must be numbers ({tensor.datatype}), as a flat or nested "
                             "list of equal-length rows") from None
     count = math.prod(tensor.shape)   # exact, as above
     if array.size != count:
-        raise ProtocolError(f"input {tensor.name!r}: {array.size} values in data, but shape {tensor.shape} needs "
+        raise InvalidInput(f"input {tensor.name!r}: {array.size} values in data, but shape {tensor.shape} needs "
                             f"{count}")
     return array
 
@@ -162,15 +160,15 @@ def wanted_outputs(request: InferenceRequest, available: list[str]) -> list[Want
         return [WantedOutput(name, everything_binary, 0) for name in available]
     names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
-        raise ProtocolError(f"outputs {names}: name each output once")
+        raise InvalidInput(f"outputs {names}: name each output once")
     wanted = []
     for output in request.outputs:
         if output.name not in available:
-            raise ProtocolError(f"output {output.name!r}: this model's outputs are {available}")
+            raise InvalidInput(f"output {output.name!r}: this model's outputs are {available}")
         parameters = output.parameters or {}
         count = parameters.get("classification", 0)
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ProtocolError(f"output {output.name!r}: classification must be a whole number of classes")
+            raise InvalidInput(f"output {output.name!r}: classification must be a whole number of classes")
         wanted.append(WantedOutput(output.name, bool(parameters.get("binary_data", everything_binary)), count))
     return wanted
 
@@ -179,7 +177,7 @@ def classification(values: np.ndarray, count: int, labels: list[str]) -> np.ndar
     """Triton's classification extension: for each row, its `count` largest values as "value:index:label"
     strings, largest first."""
     if values.ndim != 2:
-        raise ProtocolError("classification needs an output with one row of class values per image (logits)")
+        raise InvalidInput("classification needs an output with one row of class values per image (logits)")
     count = min(count, values.shape[1])
     order = np.argsort(-values, axis=1, kind="stable")[:, :count]
     return np.array([[f"{row[j]:f}:{j}:{labels[j]}" for j in top] for row, top in zip(values, order, strict=True)],

@@ -5,9 +5,8 @@ The messages and the service are the generated code that tritonclient ships (tri
 service_pb2_grpc, compiled from Triton's own grpc_service.proto): the same definitions tritonclient.grpc and
 perf_analyzer are built from, so the two sides cannot drift; no protobuf is parsed by hand here. Each RPC turns
 its message into the protocol's request (fmnist.serve.protocol), so that REST and gRPC make the same checks with
-the same words; a refusal is a gRPC status: INVALID_ARGUMENT where REST says 400, NOT_FOUND for 404,
-RESOURCE_EXHAUSTED for a full queue (and, from gRPC itself, for a message over --max-body-mb), UNAVAILABLE once
-the server is stopping.
+the same words over the same data plane; each of its errors has its gRPC status code in one table, CODES
+(RESOURCE_EXHAUSTED comes from gRPC itself too, for a message over --max-body-mb).
 """
 
 import asyncio
@@ -19,20 +18,36 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from starlette.exceptions import HTTPException
 from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
 
 from fmnist import FmnistError, __version__
 from fmnist.serve import protocol
-from fmnist.serve.batching import Overloaded
-from fmnist.serve.endpoints import MODEL, VERSION, Endpoints
+from fmnist.serve.dataplane import MODEL, VERSION, DataPlane
+from fmnist.serve.errors import (
+    BodyTooLarge,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ShuttingDown,
+    UnsupportedEncoding,
+)
 from fmnist.serve.metrics import Metrics
-from fmnist.serve.protocol import ProtocolError, RequestInput, RequestOutput
+from fmnist.serve.protocol import RequestInput, RequestOutput
 
 # The typed `contents` field that holds each datatype's values, when a client sends them that way.
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "UINT8": "uint_contents"}
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 STOPPING = "the server is shutting down: send the request to another replica, or again once it is back"
+Code = grpc.StatusCode
+CODES: dict[type[Exception], tuple[grpc.StatusCode, Callable[[Exception], str]]] = {   # the nearest class's
+    InvalidInput: (Code.INVALID_ARGUMENT, str),
+    FmnistError: (Code.INVALID_ARGUMENT, str),
+    UnsupportedEncoding: (Code.INVALID_ARGUMENT, str),
+    ModelNotFound: (Code.NOT_FOUND, str),
+    BodyTooLarge: (Code.RESOURCE_EXHAUSTED, str),
+    Overloaded: (Code.RESOURCE_EXHAUSTED, lambda e: f"the server is overloaded ({e}); retry shortly"),
+    ShuttingDown: (Code.UNAVAILABLE, str),
+}
 
 
 def request_of(message: pb.ModelInferRequest) -> tuple[protocol.InferenceRequest, bytes]:
@@ -40,7 +55,7 @@ def request_of(message: pb.ModelInferRequest) -> tuple[protocol.InferenceRequest
     binary extension would have sent."""
     raw = list(message.raw_input_contents)
     if raw and len(raw) != len(message.inputs):
-        raise ProtocolError(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: send one for each input")
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: send one for each input")
     inputs = []
     for i, tensor in enumerate(message.inputs):
         entry: dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype}
@@ -73,8 +88,8 @@ def response_of(request: protocol.InferenceRequest, wanted: list[protocol.Wanted
 class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The RPCs fmnist answers; the rest (shared memory, repository control, traces) answer UNIMPLEMENTED."""
 
-    def __init__(self, endpoints: Endpoints, metrics: Metrics) -> None:
-        self.endpoints, self.metrics = endpoints, metrics
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self.plane, self.metrics = plane, metrics
         self.stopping = False   # set by stop(): every call but the health checks is then refused, UNAVAILABLE
         self.under_way = 0      # calls being answered, which stop() lets finish
         self.last_call = 0.0    # when the latest call came (time.monotonic())
@@ -84,7 +99,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request, context):
         return await self._counted("ServerReady", context, lambda: _value(
-            pb.ServerReadyResponse(ready=hasattr(self.endpoints, "model") and not self.stopping)))
+            pb.ServerReadyResponse(ready=hasattr(self.plane, "model") and not self.stopping)))
 
     async def ServerMetadata(self, request, context):
         return await self._counted("ServerMetadata", context, lambda: _value(
@@ -92,7 +107,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def ready():
-            self.endpoints.named_model(request.name, request.version or None)
+            self.plane.named_model(request.name, request.version or None)
             return pb.ModelReadyResponse(ready=True)
         return await self._counted("ModelReady", context, ready)
 
@@ -103,24 +118,24 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def config():
-            model = self.endpoints.named_model(request.name, request.version or None)
+            model = self.plane.named_model(request.name, request.version or None)
             return pb.ModelConfigResponse(config=json_format.ParseDict(model.config, model_config_pb2.ModelConfig()))
         return await self._counted("ModelConfig", context, config)
 
     async def ModelStatistics(self, request, context):
         async def statistics():
-            self.endpoints.named_model(request.name, request.version or None)
-            return json_format.ParseDict(self.endpoints.statistics.json(), pb.ModelStatisticsResponse())
+            self.plane.named_model(request.name, request.version or None)
+            return json_format.ParseDict(self.plane.statistics.json(), pb.ModelStatisticsResponse())
         return await self._counted("ModelStatistics", context, statistics)
 
     async def ModelInfer(self, request, context):
         def reply(inference, wanted, values):
-            return response_of(inference, wanted, values, self.endpoints.model.classes)
-        return await self._counted("ModelInfer", context, lambda: self.endpoints.infer_with(
+            return response_of(inference, wanted, values, self.plane.model.classes)
+        return await self._counted("ModelInfer", context, lambda: self.plane.infer_with(
             request.model_name, request.model_version or None, lambda: request_of(request), reply))
 
     def _metadata(self, request) -> dict:
-        metadata = self.endpoints.named_model(request.name, request.version or None).metadata()
+        metadata = self.plane.named_model(request.name, request.version or None).metadata()
         return {key: value for key, value in metadata.items() if key != "parameters"}   # gRPC's has no parameters
 
     async def _counted(self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable]):
@@ -128,31 +143,34 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         Once the server is stopping, every call but the health checks is refused at once, UNAVAILABLE."""
         start, code = time.perf_counter(), grpc.StatusCode.OK
         health = method in ("ServerLive", "ServerReady")   # probes: never refused, nor waited for by stop()
-        if self.stopping and not health:
-            self.metrics.observe_request(f"grpc {method}", grpc.StatusCode.UNAVAILABLE.name, 0.0)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+        if self.stopping and not health:   # refused at once, and not waited for either
+            code, message = status_of(ShuttingDown(STOPPING), method)
+            self.metrics.observe_request(f"grpc {method}", code.name, 0.0)
+            await context.abort(code, message)
         if not health:
             self.under_way += 1
             self.last_call = time.monotonic()
         try:
             return await answer()
-        except (ProtocolError, FmnistError) as e:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        except HTTPException as e:
-            code = grpc.StatusCode.NOT_FOUND if e.status_code == 404 else grpc.StatusCode.INVALID_ARGUMENT
-            message = str(e.detail)
-        except Overloaded as e:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is overloaded ({e}); retry shortly"
-        except Exception as e:   # a bug of fmnist: logged with its traceback, one line to the client
-            logging.getLogger("fmnist.serve").exception("error answering gRPC %s", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has " \
-                "the details"
+        except Exception as e:
+            code, message = status_of(e, method)
         finally:
             if not health:   # the quiet that stop() waits for counts from the end of the latest call too
                 self.under_way -= 1
                 self.last_call = time.monotonic()
             self.metrics.observe_request(f"grpc {method}", code.name, time.perf_counter() - start)
         await context.abort(code, message)
+
+
+def status_of(e: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """CODES' status code and message for `e`; any other error is a bug of fmnist: logged with its traceback,
+    INTERNAL with one line to the client."""
+    kind = next((kind for kind in type(e).__mro__ if kind in CODES), None)
+    if kind is not None:
+        code, message = CODES[kind]
+        return code, message(e)
+    logging.getLogger("fmnist.serve").exception("error answering gRPC %s", method)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has the details"
 
 
 async def _value(message):
@@ -164,11 +182,11 @@ class Running(NamedTuple):
     service: Service
 
 
-async def start(endpoints: Endpoints, metrics: Metrics, host: str, port: int, max_message: int) -> Running:
+async def start(plane: DataPlane, metrics: Metrics, host: str, port: int, max_message: int) -> Running:
     """The gRPC server on host:port, started."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.max_send_message_length", max_message)])
-    service = Service(endpoints, metrics)
+    service = Service(plane, metrics)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:

@@ -1,29 +1,23 @@
-"""What each route does, one short method per route over the model and its batcher, in the manner of KServe's
-V2Endpoints over its data plane: parse (fmnist.serve.protocol, or the multipart form), classify (the batcher,
-running fmnist.runtime's onnxruntime session), shape the reply. app.py maps the paths to these methods.
-
-The methods FastAPI calls return plain data, which it answers as JSON. They carry no return annotation: FastAPI
-would take one as a response model and check every reply against it.
+"""The data plane: the serving work that both transports share, in the manner of KServe's DataPlane. Parse and
+check a request (fmnist.serve.protocol), batch and run it (the batcher, over fmnist.runtime's onnxruntime
+sessions), answer it, and keep the statistics. It knows no transport: it takes bytes and protocol messages, returns
+plain data, and raises fmnist.serve.errors' errors, which fmnist.serve.rest and fmnist.serve.rpc each map once.
 """
 
+import asyncio
 import base64
 import io
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
-from fastapi import Request
-from fastapi.responses import HTMLResponse, Response
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
-from fmnist import __version__, runtime
-from fmnist.serve import protocol, triton
+from fmnist import __version__, runtime, triton
+from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher, Timed
-from fmnist.serve.metrics import Metrics
-from fmnist.serve.protocol import ProtocolError
+from fmnist.serve.errors import InvalidInput, ModelNotFound
 from fmnist.serve.statistics import Statistics
 
 R = TypeVar("R")
@@ -87,60 +81,46 @@ class Model:
                 "parameters": parameters}
 
 
-class Endpoints:
-    """The routes' work. The model and its batcher come from load(), which the app's lifespan calls when the
-    server starts: once per process, never per request."""
+class DataPlane:
+    """The work of every request, over either transport. The model and its batcher come from load(), which the
+    server calls when it starts: once per process, never per request."""
 
     model: Model
     batcher: Batcher
 
-    def __init__(self, metrics: Metrics, statistics: Statistics, page: bytes) -> None:
-        self.metrics, self.statistics, self.page = metrics, statistics, page
+    def __init__(self, statistics: Statistics) -> None:
+        self.statistics = statistics
 
     def load(self, model: Model, batcher: Batcher) -> None:
         self.model, self.batcher = model, batcher
 
     # ---- the Open Inference Protocol (KServe v2) ------------------------------------------------------------
 
-    async def server_metadata(self):
+    async def server_metadata(self) -> dict:
         return {"name": "fmnist", "version": __version__,
                 "extensions": ["binary_tensor_data", "classification", "model_configuration", "statistics"]}
 
-    async def live(self):
+    async def live(self) -> dict:
         return {"live": True}
 
-    async def ready(self):
+    async def ready(self) -> dict:
         return {"ready": hasattr(self, "model")}
 
-    async def model_metadata(self, name: str, version: str | None = None):
+    async def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self.named_model(name, version).metadata()
 
-    async def model_ready(self, name: str, version: str | None = None):
+    async def model_ready(self, name: str, version: str | None = None) -> dict:
         self.named_model(name, version)
         return {"name": MODEL, "ready": True}
 
-    async def model_config(self, name: str, version: str | None = None):
+    async def model_config(self, name: str, version: str | None = None) -> dict:
         """Triton's model-configuration extension: the configuration config.pbtxt holds, as Triton answers it."""
         return self.named_model(name, version).config
 
-    async def model_statistics(self, name: str, version: str | None = None):
+    async def model_statistics(self, name: str, version: str | None = None) -> dict:
         """Triton's statistics extension (fmnist.serve.statistics)."""
         self.named_model(name, version)
         return self.statistics.json()
-
-    async def inference(self, name: str, version: str | None, body: bytes, encoding: str,
-                        header_length: str | None) -> protocol.Reply:
-        """A REST inference request's reply (fmnist.serve.hotpath reads the request off the ASGI messages and
-        sends this)."""
-        def parse() -> tuple[protocol.InferenceRequest, bytes]:
-            if encoding != "identity":
-                raise HTTPException(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
-            return protocol.parse_request(body, header_length)
-
-        def reply(inference, wanted, values):
-            return protocol.inference_response(inference, wanted, values, self.model.classes, MODEL, VERSION)
-
-        return await self.infer_with(name, version, parse, reply)
 
     async def infer_with(self, name: str, version: str | None,
                          parse: Callable[[], tuple[protocol.InferenceRequest, bytes]],
@@ -155,7 +135,7 @@ class Endpoints:
             inference, binary = parse()
             images = protocol.input_tensor(inference, binary, model.input_name, model.input_shape, "FP32")
             if len(images) == 0:
-                raise ProtocolError(f"input {model.input_name!r}: no images (the shape's first number is 0)")
+                raise InvalidInput(f"input {model.input_name!r}: no images (the shape's first number is 0)")
             wanted = protocol.wanted_outputs(inference, model.outputs)
             parsed = time.perf_counter()
             timed = await self._classify(images)
@@ -168,45 +148,39 @@ class Endpoints:
         self.statistics.observe_request(True, done - arrived, timed.queue, parsed - arrived, timed.infer, done - ran)
         return answer
 
-    # ---- for people: /predict, the page, the metrics ----------------------------------------------------------
+    # ---- for people: image files ----------------------------------------------------------------------------
 
-    async def predict(self, request: Request, top: int = 3, invert: bool | None = None):
-        """Image files in, `fmnist predict --json`'s answer out, each with the 28 x 28 image the network saw."""
+    async def predict(self, uploads: list[tuple[str, IO[bytes]]], top: int | None = None,
+                      invert: bool | None = None) -> list:
+        """Image files (name, file) in, `fmnist predict --json`'s answer out, each with the 28 x 28 image the
+        network saw. top: how many classes each lists (runtime.TOP if None)."""
+        top = runtime.TOP if top is None else top
         if not 1 <= top <= runtime.MAX_TOP:
-            raise ProtocolError(f"top={top}: must be 1 to {runtime.MAX_TOP}")
-        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
-        uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
+            raise InvalidInput(f"top={top}: must be 1 to {runtime.MAX_TOP}")
         if not uploads:
-            raise ProtocolError("no image files: send them as multipart/form-data in the field `files`, e.g. "
-                                "curl -F files=@shirt.jpg http://127.0.0.1:8000/predict")
-        prepared = [await run_in_threadpool(runtime.load_image, upload.file, invert, upload.filename or "upload",
-                                            MAX_PIXELS) for upload in uploads]
+            raise InvalidInput("no image files: send them as multipart/form-data in the field `files`, e.g. "
+                               "curl -F files=@shirt.jpg http://127.0.0.1:8000/predict")
+        prepared = [await asyncio.to_thread(runtime.load_image, file, invert, name, MAX_PIXELS)
+                    for name, file in uploads]
         outputs = (await self._classify(np.concatenate([image.input for image in prepared]))).outputs
         scores = outputs[1] if self.model.threshold is not None else None
         results = runtime.predictions_from(outputs[0], scores, self.model.classes, self.model.threshold, top)
-        return [{**runtime.answer(upload.filename or "upload", image, result), "input": png_data_url(image.input)}
-                for upload, image, result in zip(uploads, prepared, results, strict=True)]
+        return [{**runtime.answer(name, image, result), "input": png_data_url(image.input)}
+                for (name, _), image, result in zip(uploads, prepared, results, strict=True)]
 
-    async def index(self):
-        return HTMLResponse(self.page)
-
-    async def prometheus(self):
-        body, content_type = self.metrics.exposition()
-        return Response(body, media_type=content_type)
-
-    # ---- shared by the routes --------------------------------------------------------------------------------
+    # ---- shared by the requests ------------------------------------------------------------------------------
 
     def named_model(self, name: str, version: str | None) -> Model:
-        """The model a /v2 path names: 404 for any other name or version."""
+        """The model a request names: ModelNotFound for any other name or version."""
         if name != MODEL:
-            raise HTTPException(404, f"unknown model {name!r}: this server serves {MODEL!r}")
+            raise ModelNotFound(f"unknown model {name!r}: this server serves {MODEL!r}")
         if version not in (None, VERSION):
-            raise HTTPException(404, f"model {MODEL!r} has no version {version!r}; it has {VERSION!r}")
+            raise ModelNotFound(f"model {MODEL!r} has no version {version!r}; it has {VERSION!r}")
         return self.model
 
     async def _classify(self, images: np.ndarray) -> Timed:
         if len(images) > MAX_IMAGES:
-            raise ProtocolError(f"{len(images)} images in one request; send at most {MAX_IMAGES} per request")
+            raise InvalidInput(f"{len(images)} images in one request; send at most {MAX_IMAGES} per request")
         return await self.batcher.timed(images)
 
 
