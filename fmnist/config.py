@@ -83,7 +83,7 @@ def declaration(name: str) -> Learned:
 
 # A recipe is a set of defaults for the options that change what is learned; options given explicitly win.
 RECIPES = {
-    "tuned": {},   # TrainConfig's own defaults: see the README for what each part is worth
+    "tuned": {},   # TrainConfig's own defaults: bench/RECIPES.md says what each part is worth
     "seed": dict(epochs=10, batch_size=100, lr=0.01, schedule="constant", flip=False, shift=0,
                  label_smoothing=0.0, ema=0.0),   # the tutorial's recipe, exactly
 }

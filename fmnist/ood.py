@@ -13,10 +13,9 @@ from the training images, in three parts, each fitted to the 60,000 training ima
   (6 filters x 3 x 3 = 54 values): one Gaussian per class, each with its own covariance (the negative
   log-likelihood, up to a constant, of the nearest class). conv1's filters find edges, and their average
   says how much edge there is in each part of the image: handwritten digits, drawn in thin lines,
-  have edges where a garment is a filled shape, though they look like a garment pixel by pixel. (Measured
-  against conv2's maps averaged over 2 x 2, the part's first form: the digits flagged with the default recipe
-  went from 75% to 97%, and photos made with other enlargement filters from 10-11% to 6-7% on a one-epoch
-  model: `python -m bench.ood`.)
+  have edges where a garment is a filled shape, though they look like a garment pixel by pixel. (conv1's
+  maps flag more of the digits than conv2's, and fewer garment photos made with other enlargement filters:
+  `python -m bench.ood`.)
 - the ink, the sum of the pixels: a blank image (all black, all white: the commonest wrong input a page or a
   client sends) lies close to the training images in the pixel Gaussian, and conv1's flags it narrowly. Every
   training image has some (the faintest 15, the median 213); the part is INK_BLANK * (1 - (ink / limit) ** 2),
@@ -24,10 +23,9 @@ from the training images, in three parts, each fitted to the 60,000 training ima
   0 above it, so that it flags only an image that is (nearly) blank.
 
 Each Gaussian part is put on one scale (0 at its median on the training images, 1 at their 95th percentile),
-and the score is the largest of the three. The threshold is the score that keeps 95% of the training images;
+and the score is the largest of the three. The threshold is the score that keeps KEEP of the training images;
 the test images then judge it. Every part is two matrix products or three, so the score costs little beside
-the Network (its cost: `python -m bench.score_cost`; how it was chosen: `python -m bench.ood`; both in README.md's
-"Images that are not garments").
+the Network (its cost: `python -m bench.score_cost`; what each part flags: `python -m bench.ood`).
 """
 
 import numpy as np
@@ -41,8 +39,8 @@ KEEP = 0.95             # the share of training images whose score is at or unde
 PIXEL_DIRECTIONS = 64   # the pixel part's directions of least variance (measured: 32 lost text, 128 gained little)
 PIXEL_RIDGE = 1e-3      # added to the covariances' diagonals, times their mean variance: border pixels that
 CONV_RIDGE = 1e-2       # are always 0, and dead ReLUs, have none (measured: 1e-3..3e-2 flag the same sets)
-CONV_POOL = 8           # conv1's 24 x 24 maps averaged over 8 x 8 (measured on bench.ood's sets: 6 flags the
-                        # same; 12, 2 x 2 of them, 2-3 points fewer digits)
+CONV_POOL = 8           # conv1's 24 x 24 maps averaged over 8 x 8 (`python -m bench.ood`: 6 flags the same
+                        # sets; 12, only 2 x 2 squares a map, fewer digits)
 BATCH = 2000            # images per pass when fitting: bounds the memory of conv1's output
 INK_SHARE = 0.5         # an image with less ink than this share of the faintest training image's is blank...
 INK_BLANK = 10.0        # ...and one with none scores this: far over any threshold (about 1.5)
@@ -103,8 +101,8 @@ class Detector(nn.Module):
 
 def block_means(side: int, block: int) -> np.ndarray:
     """(side * side, (side // block) ** 2): the matrix that averages a side x side map, flattened row by row,
-    over its block x block squares (in the same order). A matrix product: onnxruntime's AveragePool took 6x
-    as long on conv1's maps (5.5 against 0.9 ms for 1,024 images by onnxruntime's profiler, 2-core Intel Xeon)."""
+    over its block x block squares (in the same order). A matrix product, because onnxruntime's AveragePool is
+    several times slower on conv1's maps (onnxruntime's profiler; bench/README.md)."""
     band = np.arange(side) // block                                     # each row's (and column's) band of squares
     square = (band[:, None] * (side // block) + band[None, :]).ravel()   # each pixel's square
     return np.eye((side // block) ** 2)[square] / block ** 2
@@ -146,8 +144,7 @@ def fit(network: Network, images: np.ndarray, labels: np.ndarray) -> tuple[Detec
         d = conv.shape[1]
         # The ink part rides on the pixel part's matrices: one more row, the ink over its limit, squared with
         # the others and summed into a second output, INK_BLANK * (1 - (ink / limit) ** 2). One graph node
-        # fewer than a product of its own: at batch 1, 0.71x the Network's images/s against 0.69x (five paired
-        # runs of bench.score_cost).
+        # fewer than a product of its own, and at batch 1 every node shows in the cost (`python -m bench.score_cost`).
         k = directions.shape[1]
         ink_limit = INK_SHARE * pixels.sum(1).min()
         pixel_sum = np.zeros((2, k + 1))

@@ -23,12 +23,12 @@ MODEL_NAME = "fmnist"        # the model's folder, and its name in Triton's URLs
 LABELS = "labels.txt"
 # The largest batch Triton's dynamic batcher may build, and the most images one request may carry. 1024 is the
 # largest batch fmnist measures (bench/README.md: inference at batch 1, 64 and 1024), and it pays: onnxruntime
-# classifies 50,000 images a second at batch 1024 against 6,000 one at a time (README, "Images that are not
-# garments"; 2-core Xeon, with the score). A request at the limit is 3.2 MB of float32 pixels; larger batches
+# classifies several times as many images a second at batch 1024 as one at a time (bench/README.md, Serving: the
+# "onnxruntime in-process" rows). A request at the limit is 3.2 MB of float32 pixels; larger batches
 # were never measured and would only add to the wait of the requests queued behind one.
 MAX_BATCH_SIZE = 1024
-# How long the dynamic batcher holds a request to gather others into its batch. One image alone takes about
-# 170 microseconds (6,000 a second, as above), so a single request waits less than one image's own time.
+# How long the dynamic batcher holds a request to gather others into its batch: shorter than one image's own run
+# (the same rows), so a single request waits less than its run takes.
 MAX_QUEUE_DELAY_MICROSECONDS = 100
 
 # ONNX tensor element types (onnx.TensorProto names) as Triton's model configuration writes them: the table in

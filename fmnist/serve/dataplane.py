@@ -33,12 +33,10 @@ MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo
 
 
 # Runs of fewer images than this go to a second session of one thread: a few images are over before the other
-# threads have woken (the Network and its score, 2-core Intel Xeon, idle: 35 us with one thread against 46 with
-# two at 1 image, 198 against 209 at 8; two win from 16, 315 against 352 us), and under load, when the cores
-# are busy with the requests themselves, waking them costs more (perf_analyzer, single images at concurrency 16:
-# about 1.15x the infer/s with one thread, 0.85x at batches of 64; bench/README.md, Serving). The batcher runs
+# threads have woken (two threads win from 16 images on), and under load, when the cores are busy with the
+# requests themselves, waking them costs more (perf_analyzer; bench/README.md, Serving). The batcher runs
 # these on the event loop's own thread (its inline_below): handing a run to a worker thread and back costs more
-# than the run (a gRPC ModelInfer in-process, one at a time: 120-202 against 212-258 us, bench/grpc_inprocess.py).
+# than the run (`python -m bench.grpc_inprocess`).
 ONE_THREAD_BELOW = 16
 
 

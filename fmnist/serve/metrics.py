@@ -13,7 +13,7 @@ QUEUE_SECONDS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .2
 
 
 class Metrics:
-    """Requests by route and status with their latency (the middleware tells it), and what each onnxruntime
+    """Requests by route and status with their latency (each transport tells it), and what each onnxruntime
     run took (the batcher tells it)."""
 
     def __init__(self) -> None:
