@@ -12,5 +12,10 @@ python3 -m venv "$venv"
 # tritonclient 2.51.0: the last wheel whose perf_analyzer runs on this glibc (2.36); it loads libcudart.so.12,
 # which nvidia-cuda-runtime-cu12 brings. nvidia-pytriton 0.7.0 carries tritonserver 2.51 and its python backend,
 # whose model.py (bench/triton/model.py) runs onnxruntime from here, beside pytriton's numpy 1.26.
-"$venv/bin/pip" install -q --disable-pip-version-check "tritonclient[http]==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79" \
-    "nvidia-pytriton==0.7.0" "onnxruntime==1.32.0" 2> >(grep -v "^WARNING: Location .* is ignored" >&2)
+# A registry page cut short stops pip on its JSON (its --retries covers connections only): up to three tries.
+for try in 1 2 3; do
+  "$venv/bin/pip" install -q --disable-pip-version-check "tritonclient[http]==2.51.0" "nvidia-cuda-runtime-cu12==12.9.79" \
+    "nvidia-pytriton==0.7.0" "onnxruntime==1.32.0" 2> >(grep -v "^WARNING: Location .* is ignored" >&2) && exit 0
+  [ $try = 3 ] || { echo "bench/triton/setup.sh: pip failed, trying again" >&2; sleep 5; }
+done
+exit 1
