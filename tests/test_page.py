@@ -147,6 +147,13 @@ def draw(page, points) -> None:
     page.mouse.up()
 
 
+def fill(page, point) -> None:
+    """Choose the Fill tool and click at `point`, in fractions of the canvas."""
+    page.check("#fill")
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.click(box["x"] + point[0] * box["width"], box["y"] + point[1] * box["height"])
+
+
 # ---- the tests --------------------------------------------------------------------------------------------------
 
 def test_a_chosen_photo_shows_what_predict_answers(page, server, garments, tmp_path):
@@ -203,6 +210,45 @@ def test_a_drawing_is_sent_as_a_png_of_its_strokes_and_its_answer_shown(page, se
     assert page.locator("#canvas").evaluate(blank), "opaque white again"
 
 
+def classify_drawing(page, server) -> tuple[object, dict, np.ndarray]:
+    """Click "Classify drawing": the new card once answered, what /predict answers for the PNG the page sent, and
+    that PNG's pixels."""
+    with page.expect_request(lambda request: urllib.parse.urlparse(request.url).path == "/predict") as sent:
+        page.click("#classify-drawing")
+    _, png = uploaded(sent.value)   # sent once toBlob has made the PNG, after the card is added
+    card = page.locator(".card").first   # newest first
+    card.and_(page.locator(':not([data-state="pending"])')).wait_for(timeout=30_000)
+    status, answer = predict(server, "drawing.png", png)
+    assert status == 200, answer
+    assert_shows(card, answer[0])
+    return card, answer[0], np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+
+
+def test_an_outline_is_flagged_and_filled_in_it_looks_like_a_garment(page, server):
+    """What the Draw panel says: the network learned solid garments, so the trousers' outline alone is flagged as
+    not a Fashion-MNIST item, and filled in with the Fill tool they look like a garment again."""
+    draw(page, TROUSERS)
+    outline, answer, pixels = classify_drawing(page, server)
+    assert answer["out_of_distribution"], answer
+    assert outline.locator(".ood").is_visible()
+    inside_waist, inside_leg, between_legs = (0.5, 0.2), (0.38, 0.8), (0.5, 0.8)
+    assert pixels[round(0.2 * 279), round(0.5 * 279)] == 255, "an outline: white inside"
+
+    fill(page, inside_waist)
+    filled, filled_answer, pixels = classify_drawing(page, server)
+    # The tests' model has trained for one epoch, and a hand-drawn shape is a near thing for it: the filled
+    # trousers sit about at its threshold. The default run's model answers them "Trouser" and keeps them
+    # (bench/serve-page.png); here the fill must bring the score far down, and trousers among the guesses.
+    assert filled_answer["ood_score"] < answer["ood_score"] / 3, (filled_answer, answer)
+    assert "Trouser" in [guess["class"] for guess in filled_answer["top"]], filled_answer
+    for x, y in (inside_waist, inside_leg):
+        assert pixels[round(y * 279), round(x * 279)] == 0, ("filled", x, y)
+    x, y = between_legs
+    assert pixels[round(y * 279), round(x * 279)] == 255, "the fill stops at the outline"
+    assert pixels[:20].min() == 255, "and does not leak out to the border"
+    assert page.locator(".card").count() == 2
+
+
 def test_a_file_that_is_not_an_image_shows_the_servers_error(page, server, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("a shopping list, not a photo")
@@ -226,8 +272,10 @@ def test_a_session_loads_nothing_from_outside_the_server(page, server, garments,
     draw(page, TROUSERS)
     page.click("#classify-drawing")
     finished_card(page, "drawing.png")
+    fill(page, (0.5, 0.2))   # the same trousers, filled in: the page's two answers side by side
+    classify_drawing(page, server)
     assert page.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.image)") == \
-        ["drawing.png", "ankle boot.jpg", "trousers.jpg"], "newest first"
+        ["drawing.png", "drawing.png", "ankle boot.jpg", "trousers.jpg"], "newest first"
     page.wait_for_load_state("networkidle")
 
     links = page.locator("footer a").evaluate_all("links => links.map(a => a.href)")
@@ -242,7 +290,7 @@ def test_a_session_loads_nothing_from_outside_the_server(page, server, garments,
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=SCREENSHOT, full_page=True)
     with capsys.disabled():
-        print(f"\nthe page with three cards: {SCREENSHOT}")
+        print(f"\nthe page with four cards: {SCREENSHOT}")
 
 
 def test_drop_and_paste_at_a_phone_width(page, server, garments, tmp_path):
