@@ -1,6 +1,7 @@
-"""The README's commands, as a person pastes them: each fmnist command parses as fmnist's own options, no two runs
-are told to train into one folder, the install lines name real extras, and the serving examples work against a
-real `fmnist serve`. (CI runs the quick start itself: .ci/run installs in a new venv, trains and exports.)"""
+"""The commands of the README, CONTRIBUTING.md and the docs site's pages, as a person pastes them: each fmnist
+command parses as fmnist's own options, no page tells two runs to train into one folder, the install lines name
+real extras, the Python blocks run, and the serving examples work against a real `fmnist serve`. (CI runs the
+quick start itself: .ci/run installs in a new venv, trains and exports.)"""
 
 import os
 import re
@@ -16,9 +17,12 @@ from tests.test_cli import run_cli_wide
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text()
+         for path in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]}
+EVERY_PAGE = "\n".join(PAGES.values())
 
 
-def blocks(language: str, text: str = README) -> list[str]:
+def blocks(language: str, text: str = EVERY_PAGE) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
@@ -50,7 +54,7 @@ def commands(line: str) -> list[list[str]]:
     return out + [current]
 
 
-def fmnist_commands(text: str = README) -> list[list[str]]:
+def fmnist_commands(text: str = EVERY_PAGE) -> list[list[str]]:
     return [words for block in blocks("sh", text) for line in lines(block) for words in commands(line)
             if words and words[0] == "fmnist"]
 
@@ -69,9 +73,38 @@ def parsed(words: list[str]):
 
 
 def test_the_readme_has_the_commands_a_newcomer_needs():
-    named = {words[1] for words in fmnist_commands()}
+    named = {words[1] for words in fmnist_commands(README)}
     assert {"train", "export", "evaluate", "predict", "sweep", "serve"} <= named
-    assert commands(lines(blocks("sh")[0])[0]) == [["python3", "-m", "venv", ".venv"], [".", ".venv/bin/activate"]]
+    assert commands(lines(blocks("sh", README)[0])[0]) == [["python3", "-m", "venv", ".venv"],
+                                                             [".", ".venv/bin/activate"]]
+    assert len(README.splitlines()) <= 250
+    assert "pytest" in "\n".join(README.splitlines()[:25]) and "fmnist train" in "\n".join(README.splitlines()[:25])
+
+
+def test_the_docs_site_has_the_pages_the_readme_links_to():
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)", README))
+    assert linked == {name for name in PAGES if name.startswith("docs/")} - {"docs/index.md"}
+    assert {"docs/training.md", "docs/onnx.md", "docs/serving.md", "docs/sweeps.md", "docs/benchmarks.md",
+            "docs/testing.md", "docs/design.md", "docs/getting-started.md"} <= set(linked)
+
+
+def test_the_training_page_lists_every_learned_option_with_both_recipes_defaults():
+    """docs/training.md's table of what is learned: a row for each TrainConfig field a run learns with, giving
+    the defaults the two recipes really have."""
+    from fmnist.config import LEARNED, recipe
+
+    rows = {cells[0]: cells[1:3] for line in PAGES["docs/training.md"].splitlines() if line.startswith("| `--")
+            for cells in [[cell.strip().strip("`") for cell in line.strip("|").split("|")]]}
+
+    def shown(value) -> str:
+        return "off" if value is False else "on" if value is True else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+
+    for name in LEARNED:
+        flag = "--" + name.replace("_", "-")
+        row = rows.get(flag) or rows.get(f"{flag}/--no-{flag[2:]}")
+        assert row, f"docs/training.md has no row for {flag}"
+        assert row == [shown(getattr(recipe(kind), name)) for kind in ("tuned", "seed")], (flag, row)
 
 
 @pytest.mark.parametrize("words", fmnist_commands(), ids=shlex.join)
@@ -79,11 +112,12 @@ def test_every_fmnist_command_in_the_readme_parses(words):
     parsed(words)
 
 
-def test_no_two_runs_of_the_readme_train_into_one_folder():
+@pytest.mark.parametrize("page", PAGES)
+def test_no_two_runs_of_a_page_train_into_one_folder(page):
     """Pasted in order, a second fresh `fmnist train` into a folder that holds a run is refused; so is a sweep of
-    other values into another sweep's folder."""
+    other values into another sweep's folder. Each page is read as one session."""
     seen: dict[tuple[str, Path], list[str]] = {}
-    for words in fmnist_commands():
+    for words in fmnist_commands(PAGES[page]):
         if words[1] not in ("train", "sweep"):
             continue
         params = parsed(words).params
@@ -92,13 +126,14 @@ def test_no_two_runs_of_the_readme_train_into_one_folder():
         key = (words[1], Path(params["out_dir"]))
         assert key not in seen or seen[key] == words, f"{shlex.join(words)} into the folder of {shlex.join(seen[key])}"
         seen[key] = words
-    assert ("train", Path("export-seed")) in seen
+    if page == "README.md":
+        assert ("train", Path("export-seed")) in seen
 
 
 def test_the_pip_lines_name_extras_that_exist():
     tomllib = pytest.importorskip("tomllib", reason="Python 3.11's")
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    named = re.findall(r'pip install[^\n]*?"(?:fmnist|\.)\[([\w,]+)\]"', README)
+    named = re.findall(r'pip install[^\n]*?"(?:fmnist|\.)\[([\w,]+)\]"', EVERY_PAGE)
     assert named and all(set(group.split(",")) <= extras for group in named), (named, extras)
 
 
@@ -124,7 +159,7 @@ def readme_folder(tmp_path, trained, exported):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "fmnist.pt").symlink_to(trained[0] / "fmnist.pt")
     (tmp_path / "export" / "fmnist.onnx").symlink_to(exported[0])
-    [make_photo] = [line for block in blocks("sh") for line in lines(block) if "boot.jpg" in line and "python" in line]
+    [make_photo] = {line for block in blocks("sh") for line in lines(block) if "boot.jpg" in line and "python" in line}
     made = shell(make_photo, tmp_path, 0)
     assert made.returncode == 0 and (tmp_path / "boot.jpg").is_file(), made.stderr
     return tmp_path
@@ -140,8 +175,21 @@ def test_the_readmes_predict_and_evaluate_run_as_written(readme_folder, monkeypa
     assert predicted.exit_code == 0 and '"image": "boot.jpg"' in predicted.stdout
 
 
+def python_block(marker: str) -> str:
+    """The one Python block of the pages (the same block may stand on several pages) that holds `marker`."""
+    found = {block for block in blocks("python") if marker in block}
+    assert len(found) == 1, (marker, found)
+    return found.pop()
+
+
+def test_every_python_block_is_run_here():
+    run = {python_block(marker) for marker in ("torch.load", "tritonclient.grpc", "tritonclient.http")}
+    assert set(blocks("python")) == run
+
+
 def test_the_readmes_python_blocks_run_as_written(readme_folder, server):
-    tutorial, over_grpc, client = blocks("python")
+    tutorial, over_grpc, client = (python_block(marker) for marker in ("torch.load", "tritonclient.grpc",
+                                                                        "tritonclient.http"))
     loaded = subprocess.run([sys.executable, "-c", tutorial], cwd=readme_folder, capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
     asked = subprocess.run([sys.executable, "-c", over_grpc.replace("localhost:8001", server.grpc)],
@@ -157,7 +205,7 @@ def test_the_readmes_python_blocks_run_as_written(readme_folder, server):
 def test_the_readmes_curl_lines_answer_as_the_readme_says(readme_folder, server):
     import json
 
-    [serving] = [block for block in blocks("sh") if "curl" in block]
+    [serving] = {block for block in blocks("sh") if "curl" in block}   # the README's, and docs/serving.md's
     answers = []
     for line in lines(serving):
         result = shell(line, readme_folder, server.port)
@@ -175,8 +223,8 @@ def test_what_the_readmes_examples_write_is_ignored_by_git():
     root = Path(__file__).parents[1]
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
-    examples = "\n".join(block for readme in ("README.md", "bench/README.md")
-                         for block in re.findall(r"```(?:sh|console)\n(.*?)```", (root / readme).read_text(), re.S))
+    examples = "\n".join(block for text in [*PAGES.values(), (root / "bench/README.md").read_text()]
+                         for block in re.findall(r"```(?:sh|console)\n(.*?)```", text, re.S))
     written = {  # what each option writes, as a file git would otherwise show
         "out": "{}/metrics.jsonl", "plot": "{}", "triton": "{}/fmnist/config.pbtxt", "benchmark-json": "{}"}
     paths = [written[option].format(target.rstrip("/"))
