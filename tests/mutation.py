@@ -1,8 +1,8 @@
-"""Each module's mutation score, from the last `mutmut run` (README, "Tests"): `python -m tests.mutation`.
+"""Each module's mutation score, from the last `mutmut run` (docs/testing.md): `python -m tests.mutation`.
 
 The score of a module is the share of its mutants that its tests kill (a mutant that makes them hang counts as
 killed), leaving out the mutants listed below as equivalent: changes that no input can tell apart, each with why.
-Where a module is in scope only in part (train.py's loop, the sweep's claiming), only those functions count.
+Where a module is in scope only in part (the sweep's claiming, train.py's evaluation), only those functions count.
 """
 
 import re

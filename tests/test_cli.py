@@ -179,7 +179,7 @@ def test_a_mistyped_option_suggests_the_real_one(args, suggestion):
 
 
 def test_exit_codes_follow_one_rule(tmp_path, monkeypatch):
-    """The README's rule: 0 done; 1 a value, file or data the user can fix; 2 a command line that cannot be read
+    """docs/training.md's rule: 0 done; 1 a value, file or data the user can fix; 2 a command line that cannot be read
     as the command's options; 130 interrupted."""
     import typer
 

@@ -16,7 +16,7 @@ def test_seed_recipe_is_the_tutorials():
 
 def test_tuned_recipe_is_the_default_and_options_win():
     c = recipe("tuned")
-    assert (c.epochs, c.batch_size, c.lr, c.schedule) == (30, 128, 0.005, "onecycle")   # the README's table
+    assert (c.epochs, c.batch_size, c.lr, c.schedule) == (30, 128, 0.005, "onecycle")   # docs/training.md's table
     assert (c.flip, c.shift, c.label_smoothing, c.ema) == (False, 1, 0.1, 0.0)
     assert TrainConfig().epochs == c.epochs   # what `fmnist train` takes without --recipe
     assert recipe("seed", lr=0.002, epochs=None).lr == 0.002 and recipe("seed", epochs=None).epochs == 10

@@ -86,7 +86,8 @@ class TrainingReporter:
         say(epoch_line(epoch_cells(row, self.epochs)))
 
 
-# An epoch's line, under a header printed once: within 80 columns at any epoch count and speed (1,000,000 samples/s)
+# An epoch's line, under a header printed once: within 80 columns at any epoch count and speed (seven digits
+# of samples/s included)
 EPOCH_COLUMNS = ("epoch", "train loss", "train acc", "test loss", "test acc", "train s", "samples/s")
 EPOCH_WIDTHS = (7, 10, 9, 9, 8, 7, 9)
 

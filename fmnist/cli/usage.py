@@ -1,6 +1,7 @@
 """How a command line that cannot be read, a problem the user can fix, and an interruption each end: one
-`error:` line (or the stop's own words) and the exit code of the README's rule: 0 done, 1 a value, file or
-data the user can fix, 2 a command line that cannot be read as the command's options, 130 Ctrl-C, 143 SIGTERM.
+`error:` line (or the stop's own words) and the exit code of docs/training.md's rule: 0 done, 1 a value, file
+or data the user can fix, 2 a command line that cannot be read as the command's options, 130 Ctrl-C, 143
+SIGTERM.
 """
 
 import functools

@@ -41,6 +41,7 @@ from fmnist.serve.settings import Settings
 from fmnist.serve.statistics import Statistics
 
 RETRY_AFTER_S = 1   # what a 503 tells a client to wait: a full queue drains in well under a second
+GRPC_GRACE_S = 5    # when the server stops, gRPC calls under way have this long to finish
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -331,8 +332,8 @@ def create_app(settings: Settings) -> RestApp:
         try:
             yield
         finally:
-            if grpc_server is not None:   # new calls get UNAVAILABLE; those under way have 5 s to finish
-                await rpc.stop(grpc_server, 5)
+            if grpc_server is not None:   # new calls get UNAVAILABLE; those under way finish, within the grace
+                await rpc.stop(grpc_server, GRPC_GRACE_S)
             await batcher.close()
 
     page = resources.files("fmnist.serve").joinpath("page.html").read_bytes()
