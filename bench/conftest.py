@@ -5,6 +5,7 @@ in its extra_info; one row per (group, batch size, device kind) is the baseline 
 """
 
 import gzip
+import importlib.metadata
 import os
 import platform
 
@@ -14,7 +15,7 @@ import torch
 
 import fmnist
 from bench.common import strict_dynamo
-from bench.report import BASELINES, SEPARATE, row_order, serve_report, with_ratios
+from bench.report import BASELINES, SEPARATE, peers_report, row_order, serve_report, with_ratios
 from fmnist import data
 
 
@@ -61,6 +62,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["versions"] = {"fmnist": fmnist.__version__, "torch": str(torch.__version__),
                                 "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                                 "python": platform.python_version()}
+    for peer in ("lightning", "keras", "jax"):   # the peers' versions, where the extra is installed (not imported)
+        try:
+            machine_info["versions"][peer] = importlib.metadata.version(peer)
+        except importlib.metadata.PackageNotFoundError:
+            pass
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -79,6 +85,12 @@ def ratio_tables(terminalreporter, config):
     if serving:   # bench/test_serve_speed.py: its table, the goals, batching off and on
         write("")
         for line in serve_report(serving):
+            write(line)
+    peers = [{"group": b.group, "name": b.name, "extra_info": b.extra_info} for b in session.benchmarks
+             if b.group == "peers" and "samples_per_second" in b.extra_info]
+    if peers:   # bench/test_peers.py: training beside Lightning and Keras
+        write("")
+        for line in peers_report(peers):
             write(line)
     rows = timed_rows([{"group": b.group, "name": b.name, "extra_info": b.extra_info} for b in session.benchmarks])
     if not rows:

@@ -9,7 +9,8 @@ before a run that was then killed) is named below the table and otherwise left o
 bench/README.md's tables are this script's output, pasted; nothing in them is typed by hand.
 
 The `serve` group (bench/test_serve_speed.py) has tables of its own (serve_report): requests/s, images/s and
-latencies by route and concurrency, the ratios to the serving goals, and dynamic batching off and on.
+latencies by route and concurrency, the ratios to the serving goals, and dynamic batching off and on. So has
+the `peers` group (bench/test_peers.py, peers_report): training beside Lightning and Keras.
 """
 
 import json
@@ -54,11 +55,30 @@ def report(runs: list[dict]) -> str:
     serving = [b for b in timed if b["group"] == "serve"]
     if serving:
         lines += ["", *serve_report(serving)]
+    peers = [b for b in timed if b["group"] == "peers"]
+    if peers:
+        lines += ["", *peers_report(peers)]
     return "\n".join(lines)
 
 
 # Groups with tables of their own, left out of the table above.
-SEPARATE = {"serve"}
+SEPARATE = {"serve", "peers"}
+PEERS_BASELINE = "tutorial loop"   # the peers' ratios are to the tutorial's own loop
+
+
+def peers_report(rows: list[dict]) -> list[str]:
+    """The peers group's markdown (bench/test_peers.py): samples/s, the ratio to the tutorial's loop, and the
+    test accuracy each peer reached after the same epochs."""
+    base = next((b["extra_info"]["samples_per_second"] for b in rows if b["extra_info"]["path"] == PEERS_BASELINE),
+                None)
+    lines = ["| training with | samples/s | × the tutorial's loop | test accuracy | epochs × rounds |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for b in sorted(rows, key=lambda b: -b["extra_info"]["samples_per_second"]):
+        info = b["extra_info"]
+        ratio = f"{info['samples_per_second'] / base:.2f}" if base else "-"
+        lines.append(f"| {info['path']} | {info['samples_per_second']:,.0f} | {ratio} | {info['test_accuracy']:.2%} "
+                     f"| {info['epochs']} × {info['rounds']} |")
+    return lines
 
 # The serving goals: (what, row, bound, measure, goal). A row is (path, images per request, concurrency) of the
 # server with its default settings, or of a bound in the benchmarks' process (concurrency None).
