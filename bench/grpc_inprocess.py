@@ -1,10 +1,9 @@
 """What one gRPC ModelInfer call costs fmnist's own code, without grpc: the servicer called directly on uvloop,
 with the real model, its batcher and its metrics, one call at a time and 16 at a time.
 
-    python -m bench.grpc_inprocess export/fmnist.onnx [--calls 4000] [--inline-below 16]
+    python -m bench.grpc_inprocess export/fmnist.onnx [--calls 4000]
 
-The figures bench/README.md gives for the metric children and the runs on the event loop came from this
-(--inline-below 0: every run handed to a worker thread, as before).
+The figures bench/README.md gives for the metric children came from this.
 """
 
 import argparse
@@ -17,17 +16,17 @@ from tritonclient.grpc import service_pb2 as pb
 
 from fmnist.serve import rpc
 from fmnist.serve.batching import Batcher
-from fmnist.serve.dataplane import ONE_THREAD_BELOW, DataPlane, Model
+from fmnist.serve.dataplane import DataPlane, Model
 from fmnist.serve.metrics import Metrics
 from fmnist.serve.statistics import Statistics
 
 
-async def measure(onnx: str, calls: int, inline_below: int) -> tuple[float, float]:
+async def measure(onnx: str, calls: int) -> tuple[float, float]:
     """Microseconds a call: one at a time, and 16 at a time."""
     metrics = Metrics()
     plane = DataPlane(Statistics("fmnist", "1"))
     model = Model(onnx, threads=2)
-    plane.load(model, Batcher(model.run, 256, 0, 16384, inline_below=inline_below))
+    plane.load(model, Batcher(model.run, 256, 0, 16384))
     service = rpc.Service(plane, metrics)
     request = pb.ModelInferRequest(model_name="fmnist")
     request.inputs.add(name="images", datatype="FP32", shape=[1, 1, 28, 28])
@@ -50,9 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx")
     parser.add_argument("--calls", type=int, default=4000)
-    parser.add_argument("--inline-below", type=int, default=ONE_THREAD_BELOW)
     args = parser.parse_args()
-    one, sixteen = uvloop.run(measure(args.onnx, args.calls, args.inline_below))
+    one, sixteen = uvloop.run(measure(args.onnx, args.calls))
     print(f"ModelInfer in-process: {one:.0f} us a call one at a time, {sixteen:.0f} us 16 at a time")
 
 

@@ -61,8 +61,6 @@ WHY_EQUIVALENT: dict[str, tuple[str, ...]] = {
         'fmnist.serve.batching.xǁBatcherǁ_serve__mutmut_13',),
     "always concatenating: one request's images are copied, the same values": (
         'fmnist.serve.batching.xǁBatcherǁ_run__mutmut_3',),
-    "inline_below's default 0 or 1: a run has at least one image, so neither runs one on the loop": (
-        'fmnist.serve.batching.xǁBatcherǁ__init____mutmut_1',),
     'holder files are one short JSON line, far under 4,096 bytes': (
         'fmnist.files.x__read_holder__mutmut_8',),
     "an empty holder file: b'XX{}XX' fails to parse and {} lacks 'since', both 'a process that is starting'": (

@@ -177,12 +177,11 @@ def test_a_request_whose_client_went_away_is_not_run_and_the_queue_forgets_it():
     assert model.sizes == [1, 2]
 
 
-@pytest.mark.parametrize("inline_below", [0, 1024], ids=["in a worker thread", "on the event loop"])
-def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers(inline_below):
+def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers():
     model = Recording()
 
     async def main():
-        batcher = Batcher(model, max_batch=256, max_delay=0.2, max_queue=1000, inline_below=inline_below)
+        batcher = Batcher(model, max_batch=256, max_delay=0.2, max_queue=1000)
         together = await asyncio.gather(batcher(images(665, 2)), batcher(images(1, 1)), return_exceptions=True)
         after = await batcher(images(2, 1))
         await batcher.close()
@@ -196,55 +195,73 @@ def test_a_failed_run_fails_its_own_requests_and_the_next_run_still_answers(inli
     assert model.sizes == [3, 1]
 
 
-def test_runs_under_inline_below_run_on_the_event_loop_and_the_others_in_a_worker_thread():
-    """The hand-off to a thread costs more than a run of a few images (bench/README.md, Serving), so those run
-    on the loop's own thread; a run at or over the bound still goes to a worker, and each gets its own rows."""
+def runners() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "fmnist-runner"]
+
+
+def test_every_run_is_made_on_one_runner_thread_which_close_stops():
+    """Not on the event loop's thread, whatever the run's size, and on the same thread each time; each request
+    gets its own rows; close() ends the thread."""
     threads: list[tuple[int, int]] = []
 
     def model(batch: np.ndarray) -> tuple[np.ndarray]:
         threads.append((len(batch), threading.get_ident()))
         return (batch[:, 0, 0, 0] * 2,)
 
+    before = len(runners())
+
     async def main():
-        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000, inline_below=4)
+        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000)
         answers = [await batcher(images(first, count)) for first, count in ((0, 3), (10, 4), (20, 1))]
+        assert len(runners()) == before + 1
         await batcher.close()
         return threading.get_ident(), answers
 
-    loop_thread, answers = asyncio.run(main())
-    assert [(size, thread == loop_thread) for size, thread in threads] == [(3, True), (4, False), (1, True)]
+    loop_thread, answers = run(main)
+    assert [size for size, _ in threads] == [3, 4, 1]
+    assert len({thread for _, thread in threads}) == 1 and threads[0][1] != loop_thread
     for (first, count), (doubled,) in zip(((0, 3), (10, 4), (20, 1)), answers, strict=True):
         np.testing.assert_array_equal(doubled, 2 * np.arange(first, first + count, dtype=np.float32))
+    for thread in runners()[before:]:
+        thread.join(5)
+    assert len(runners()) == before   # close() stopped it
 
 
-def test_a_queue_of_small_runs_gives_the_event_loop_a_turn_between_them():
-    """Runs on the loop's own thread, one image each (max_batch 1): between two of them the loop goes round
-    (it reads requests and sends replies), rather than running the whole queue first."""
+def test_the_event_loop_goes_on_while_a_run_is_under_way():
+    """A run takes its time on the runner thread; meanwhile the loop keeps going round (it reads requests and
+    sends replies), and what queues meanwhile shares the next run."""
+    import time
+
     log: list[str] = []
 
     def model(batch: np.ndarray) -> tuple[np.ndarray]:
-        log.append("run")
+        log.append(f"run {len(batch)}")
+        time.sleep(0.1)
+        log.append("ran")
         return (batch[:, 0, 0, 0],)
 
     async def main():
-        batcher = Batcher(model, max_batch=1, max_delay=0, max_queue=1000, inline_below=16)
+        batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000)
         done = False
 
         async def ticker():
             while not done:
                 log.append("tick")
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)
 
         ticking = asyncio.ensure_future(ticker())
-        await asyncio.gather(*(batcher(images(i, 1)) for i in range(6)))
+        first = asyncio.ensure_future(batcher(images(0, 1)))
+        await asyncio.sleep(0.03)                    # the first run is under way
+        await asyncio.gather(first, *(batcher(images(i, 1)) for i in range(1, 4)))
         done = True
         await ticking
         await batcher.close()
 
-    asyncio.run(main())
-    runs = [i for i, entry in enumerate(log) if entry == "run"]
-    gaps = [b - a - 1 for a, b in zip(runs, runs[1:], strict=False)]   # the loop's turns between two runs
-    assert len(runs) == 6 and all(1 <= gap <= 3 for gap in gaps), log   # a turn, not a wait
+    run(main)
+    runs = [i for i, entry in enumerate(log) if entry.startswith("run")]
+    assert [log[i] for i in runs] == ["run 1", "run 3"], log   # the three that came during the first shared one
+    during = log[runs[0]:log.index("ran")]
+    assert during.count("tick") >= 5, log   # about ten of the loop's ticks fit in the 0.1 s run
 
 
 def test_timed_says_how_long_each_request_waited_and_its_run_took():

@@ -2,13 +2,16 @@
 
 Each request puts its images in a queue and awaits its own slice of the outputs. One task takes what is
 queued, up to `max_batch` images, waiting at most `max_delay` seconds after the first for more to arrive, and
-runs the model once on all of them in a worker thread, so the event loop keeps reading requests meanwhile.
-With max_delay 0 nothing waits: requests that queued while the previous run was busy still go together.
-A run of fewer than `inline_below` images runs on the event loop itself: it is over sooner than a hand-off to
-a worker thread and back (bench/README.md, Serving).
+hands the run to the batcher's own runner thread, so the event loop keeps reading requests and writing replies
+meanwhile (onnxruntime lets go of the GIL while it runs). With max_delay 0 nothing waits: requests that queued
+while the previous run was busy go together. One long-lived thread fed by a queue costs the loop less than a
+pool's hand-off (`asyncio.to_thread`), and less than running small batches on the loop itself once requests
+come faster than one at a time (bench/README.md, Serving).
 """
 
 import asyncio
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,18 +40,18 @@ class Timed(NamedTuple):
 class Batcher:
     """run(images) -> tuple of output arrays, each with one row per image, called with up to max_batch images
     (more when one request alone has more). observe(batch_size, queue_seconds, run_seconds) is told about every
-    run: the batch's size, each of its requests' wait, and how long the run took. Runs of fewer than inline_below
-    images are run on the event loop's thread, the others in a worker thread."""
+    run: the batch's size, each of its requests' wait, and how long the run took. Every run is made on the
+    batcher's runner thread, started with the first request and stopped by close()."""
 
     def __init__(self, run: Callable[[np.ndarray], tuple], max_batch: int, max_delay: float, max_queue: int,
-                 observe: Callable[[int, list[float], float], None] = lambda size, waits, seconds: None,
-                 inline_below: int = 0):
+                 observe: Callable[[int, list[float], float], None] = lambda size, waits, seconds: None):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
-        self.observe, self.inline_below = observe, inline_below
+        self.observe = observe
         self.waiting: deque[_Waiting] = deque()
         self.queued = 0                  # images in the queue
         self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.runs: queue.SimpleQueue | None = None   # the runner thread's work: (images, future), None to stop
 
     async def __call__(self, images: np.ndarray) -> tuple:
         """This request's outputs. Raises Overloaded when its images would not fit in the queue."""
@@ -82,7 +85,6 @@ class Batcher:
             batch = self._take()
             if batch:
                 await self._run(batch)
-                await asyncio.sleep(0)   # the loop's turn between runs: a queue of runs on the loop must not hold it
 
     def _take(self) -> list[_Waiting]:
         """The oldest requests, up to max_batch images in all (always at least one request); requests whose
@@ -101,8 +103,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
-            outputs = self.run(images) if len(images) < self.inline_below else \
-                await asyncio.to_thread(self.run, images)
+            outputs = await self._in_runner(images)
             ran = time.perf_counter() - started
             self.observe(len(images), [started - item.queued_at for item in batch], ran)
         except Exception as e:   # the model (or memory) failed: the batch's requests hear why, the batcher goes on
@@ -118,10 +119,47 @@ class Batcher:
                                              started - item.queued_at, ran))
             start = end
 
+    def _in_runner(self, images: np.ndarray) -> asyncio.Future:
+        """The run's outputs, from the runner thread (started here the first time)."""
+        loop = asyncio.get_running_loop()
+        if self.runs is None:
+            self.runs = queue.SimpleQueue()
+            threading.Thread(target=_runner, args=(self.run, self.runs, loop), name="fmnist-runner",
+                             daemon=True).start()
+        future = loop.create_future()
+        self.runs.put((images, future))
+        return future
+
     async def close(self) -> None:
+        if self.runs is not None:   # the runner ends once its run, if any, is over
+            self.runs.put(None)
+            self.runs = None
         if self.task is not None:
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
+
+
+def _runner(run: Callable[[np.ndarray], tuple], runs: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
+    """The runner thread: each run in turn, its outputs (or its error) handed back to the loop's future."""
+    while (work := runs.get()) is not None:
+        images, future = work
+        try:
+            outputs, error = run(images), None
+        except Exception as e:   # the model (or memory) failed: the loop hears why
+            outputs, error = None, e
+        try:
+            loop.call_soon_threadsafe(_settle, future, outputs, error)
+        except RuntimeError:   # the loop has closed: nobody is waiting any more
+            return
+
+
+def _settle(future: asyncio.Future, outputs: tuple | None, error: Exception | None) -> None:
+    if future.done():   # cancelled meanwhile: the batcher was closed
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outputs)

@@ -34,9 +34,7 @@ MAX_PIXELS = 40_000_000     # pixels in one uploaded image (a 40-megapixel photo
 
 # Runs of fewer images than this go to a second session of one thread: a few images are over before the other
 # threads have woken (two threads win from 16 images on), and under load, when the cores are busy with the
-# requests themselves, waking them costs more (perf_analyzer; bench/README.md, Serving). The batcher runs
-# these on the event loop's own thread (its inline_below): handing a run to a worker thread and back costs more
-# than the run (`python -m bench.grpc_inprocess`).
+# requests themselves, waking them costs more (perf_analyzer; bench/README.md, Serving).
 ONE_THREAD_BELOW = 16
 
 
