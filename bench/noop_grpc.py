@@ -1,49 +1,55 @@
 """The gRPC benchmarks' bound: a grpc.aio server whose ModelInfer does no work at all, answering zeros of the
 right shapes, on the event loop `fmnist serve` runs on (uvloop, which uvicorn picks when it is installed).
 What perf_analyzer measures against it is grpcio's own cost per call on this machine: one grpc.aio process
-in Python answers no more than this, whatever its model does.
+in Python answers no more than this, whatever its model does. The same no-op on grpcio's other server (`sync`:
+a thread pool, each call in a handler thread) and in several processes on one port (SO_REUSEPORT) bound the
+other ways a Python server could be built.
 
-    python -m bench.noop_grpc PORT       # serves until killed; bench/triton/compare.py --bound starts it
+    python -m bench.noop_grpc PORT [aio|sync] [PROCESSES]   # serves until killed; compare.py --bound starts it
 """
 
 import asyncio
+import multiprocessing
+import signal
 import sys
+from concurrent import futures
 
 import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
 
 
-class Noop(service_pb2_grpc.GRPCInferenceServiceServicer):
+class SyncNoop(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Just what perf_analyzer asks before it measures (metadata and config of a model named fmnist), then
-    ModelInfer: one reply per batch size, built once."""
+    ModelInfer: one reply per batch size, built once. As grpcio's thread-pool server calls it, in a handler
+    thread; Noop is the same for grpc.aio."""
 
     def __init__(self) -> None:
         self.replies: dict[int, pb.ModelInferResponse] = {}
 
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=True)
 
-    async def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="noop", version="0", extensions=[])
 
-    async def ModelReady(self, request, context):
+    def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=True)
 
-    async def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request, context):
         metadata = pb.ModelMetadataResponse(name="fmnist", versions=["1"], platform="onnxruntime_onnx")
         metadata.inputs.add(name="images", datatype="FP32", shape=[-1, 1, 28, 28])
         metadata.outputs.add(name="logits", datatype="FP32", shape=[-1, 10])
         metadata.outputs.add(name="ood_score", datatype="FP32", shape=[-1, 1])
         return metadata
 
-    async def ModelConfig(self, request, context):
+    def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=model_config_pb2.ModelConfig(name="fmnist", max_batch_size=4096))
 
-    async def ModelInfer(self, request, context):
+    def ModelInfer(self, request, context):
         count = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
         reply = self.replies.get(count)
         if reply is None:
@@ -54,8 +60,39 @@ class Noop(service_pb2_grpc.GRPCInferenceServiceServicer):
         return reply
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
+class Noop(SyncNoop):
+    """SyncNoop's answers as grpc.aio's coroutines, on the event loop."""
+
+    async def ServerLive(self, request, context):
+        return super().ServerLive(request, context)
+
+    async def ServerReady(self, request, context):
+        return super().ServerReady(request, context)
+
+    async def ServerMetadata(self, request, context):
+        return super().ServerMetadata(request, context)
+
+    async def ModelReady(self, request, context):
+        return super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):
+        return super().ModelMetadata(request, context)
+
+    async def ModelConfig(self, request, context):
+        return super().ModelConfig(request, context)
+
+    async def ModelInfer(self, request, context):
+        return super().ModelInfer(request, context)
+
+
+# Options both kinds share: large batches fit, and several processes may listen on one port (grpcio's default on
+# Linux, said here so that it does not depend on that).
+OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.so_reuseport", 1)]
+THREADS = 8   # the sync server's handler threads: more than the 2 to 6 calls a connection brings at once
+
+
+async def serve_aio(port: int) -> None:
+    server = grpc.aio.server(options=OPTIONS)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Noop(), server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
@@ -63,10 +100,34 @@ async def serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-if __name__ == "__main__":
+def serve(port: int, kind: str) -> None:
+    if kind == "sync":
+        server = grpc.server(futures.ThreadPoolExecutor(THREADS), options=OPTIONS)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(SyncNoop(), server)
+        if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+            raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
+        server.start()
+        server.wait_for_termination()
+        return
     try:
         import uvloop
     except ImportError:   # as uvicorn: asyncio's own loop without it
-        asyncio.run(serve(int(sys.argv[1])))
+        asyncio.run(serve_aio(port))
     else:
-        uvloop.run(serve(int(sys.argv[1])))
+        uvloop.run(serve_aio(port))
+
+
+if __name__ == "__main__":
+    port, kind, count = int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "aio", \
+        int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    if kind not in ("aio", "sync") or count < 1:
+        raise SystemExit("usage: python -m bench.noop_grpc PORT [aio|sync] [PROCESSES]")
+    if count == 1:
+        serve(port, kind)
+    else:   # the processes end with this one: terminated, it terminates them
+        processes = [multiprocessing.Process(target=serve, args=(port, kind), daemon=True) for _ in range(count)]
+        for process in processes:
+            process.start()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        for process in processes:
+            process.join()

@@ -137,14 +137,14 @@ def test_the_comparison_measures_both_servers_with_perf_analyzer(tools, triton_s
     assert line.startswith("| 1 | 2 | ") and f"| {ratio:.2f}x |" in line
 
 
-def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(tools):
-    """bench/noop_grpc.py, the gRPC rows' bound (compare.py --bound): perf_analyzer measures it, and a
-    tritonclient.grpc call gets logits and ood_score of the request's own batch size."""
+@pytest.mark.parametrize("kind, processes", [("aio", 1), ("sync", 1), ("aio", 2)])
+def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(tools, kind, processes):
+    """bench/noop_grpc.py, the gRPC rows' bound (compare.py --bound), of each kind: perf_analyzer measures it,
+    and a tritonclient.grpc call gets logits and ood_score of the request's own batch size."""
     grpcclient = pytest.importorskip("tritonclient.grpc", reason="the bound is a tritonclient.grpc service")
     from bench.triton import compare
 
-    with compare.noop_grpc(True) as bound:
-        assert bound is not None
+    with compare.noop_grpc(kind, processes) as bound:
         row = peer.perf_analyzer(tools, bound, batch=64, concurrency=2, requests=100, protocol="grpc")
         assert row["Inferences/Second"] > 0
         tensor = grpcclient.InferInput("images", [5, 1, 28, 28], "FP32")

@@ -3,6 +3,7 @@
     bash bench/triton/setup.sh                                   # once: perf_analyzer and tritonserver (.triton/)
     python -m bench.triton.compare export/fmnist.onnx [--rounds 3] [--requests 2000]
     python -m bench.triton.compare export/fmnist.onnx --protocol grpc --bound   # and grpc.aio's own bound
+    python -m bench.triton.compare export/fmnist.onnx --protocol grpc --bound aio,aio:2,sync --loads 1x16
 
 Both servers serve the same exported model on this machine's loopback: `fmnist serve` as a user starts it
 (one process, its defaults), and tritonserver 2.51 the repository `fmnist export --triton` writes, with its
@@ -11,7 +12,8 @@ python backend running the same model.onnx on onnxruntime (bench/triton/peer.py 
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
 median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --bound (gRPC),
 a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the most one
-grpc.aio process answers here.
+grpc.aio process answers here; or several, named KIND[:PROCESSES]: grpcio's thread-pool server (sync), or
+several processes on one port.
 """
 
 import argparse
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.common import cpu
@@ -69,10 +71,12 @@ def main() -> None:
     parser.add_argument("--loads", default=",".join(f"{b}x{c}" for b, c in LOADS),
                         help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
-    parser.add_argument("--bound", action="store_true", help="gRPC: measure bench/noop_grpc.py too")
+    parser.add_argument("--bound", nargs="?", const="aio", metavar="KIND[:PROCESSES],...",
+                        help="gRPC: measure bench/noop_grpc.py too, aio (the default) or sync, in 1 or more processes")
     args = parser.parse_args()
     if args.bound and args.protocol != "grpc":
         raise SystemExit("--bound is a gRPC server: add --protocol grpc")
+    bounds = [bound_of(spec) for spec in args.bound.split(",")] if args.bound else []
     loads = [tuple(int(n) for n in load.split("x")) for load in args.loads.split(",")]
     tools = peer.tools()
     if isinstance(tools, str):
@@ -84,9 +88,11 @@ def main() -> None:
         repository = write_model_repository(args.onnx, folder).parent
         fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
         try:
-            with peer.triton(tools, repository) as triton, noop_grpc(args.bound) as bound:
+            with peer.triton(tools, repository) as triton, ExitStack() as noops:
                 urls = {"fmnist": fmnist.url, "triton": triton.url} if args.protocol == "http" else \
-                    {"fmnist": fmnist.grpc, "triton": triton.grpc, **({"bound": bound} if bound else {})}
+                    {"fmnist": fmnist.grpc, "triton": triton.grpc}
+                for kind, processes in bounds:
+                    urls[bound_name(kind, processes)] = noops.enter_context(noop_grpc(kind, processes))
                 rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
         finally:
             fmnist.stop()
@@ -98,25 +104,36 @@ def main() -> None:
               + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in values)}" for name, values in row["spread"].items()))
     ratios = [r["median"]["fmnist"]["Inferences/Second"] / r["median"]["triton"]["Inferences/Second"] for r in rows]
     print(f"\nfmnist / Triton, the median over the loads: {statistics.median(ratios):.2f}x")
-    if args.bound:
-        print("\nThe bound (bench/noop_grpc.py: grpc.aio, no work) in the same rounds:\n")
-        print(table(rows, ("bound", "triton")))
-        print("\n" + table(rows, ("fmnist", "bound")))
+    for kind, processes in bounds:
+        name = bound_name(kind, processes)
+        print(f"\n{name.capitalize()} (bench/noop_grpc.py: grpcio's {kind} server in {processes} process(es), no work) "
+              "in the same rounds:\n")
+        print(table(rows, (name, "triton")))
+        print("\n" + table(rows, ("fmnist", name)))
+
+
+def bound_of(spec: str) -> tuple[str, int]:
+    """--bound's KIND[:PROCESSES] as (kind, processes)."""
+    kind, _, processes = spec.partition(":")
+    if kind not in ("aio", "sync") or not (processes or "1").isdigit() or int(processes or "1") < 1:
+        raise SystemExit(f"--bound {spec!r}: name aio or sync, and :PROCESSES if more than one, e.g. aio:2")
+    return kind, int(processes or "1")
+
+
+def bound_name(kind: str, processes: int) -> str:
+    return "bound" if (kind, processes) == ("aio", 1) else f"bound {kind}:{processes}"
 
 
 @contextmanager
-def noop_grpc(wanted: bool) -> Iterator[str | None]:
-    """bench/noop_grpc.py on a free loopback port, ready, until the block ends (None when not wanted)."""
-    if not wanted:
-        yield None
-        return
+def noop_grpc(kind: str = "aio", processes: int = 1) -> Iterator[str]:
+    """bench/noop_grpc.py on a free loopback port, ready, until the block ends."""
     import grpc
 
     from tests.conftest import free_port
 
     port = free_port()
     address = f"127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", str(port)])
+    process = subprocess.Popen([sys.executable, "-m", "bench.noop_grpc", str(port), kind, str(processes)])
     try:
         with grpc.insecure_channel(address) as channel:
             ready = grpc.channel_ready_future(channel)
