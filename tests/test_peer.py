@@ -151,3 +151,23 @@ def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(to
         tensor.set_data_from_numpy(np.zeros((5, 1, 28, 28), np.float32))
         result = grpcclient.InferenceServerClient(bound).infer("fmnist", [tensor])
     assert result.as_numpy("logits").shape == (5, 10) and result.as_numpy("ood_score").shape == (5, 1)
+
+
+def test_the_thread_sampler_reads_each_servers_threads_under_load(tools, fmnist_server):
+    """bench/triton/threads.py, briefly: under perf_analyzer's load, with a connection for each of its 4 contexts,
+    fmnist serve's main thread (its event loop) used CPU, the client's perf_analyzer was found, and the server
+    held the client's connections."""
+    import dataclasses
+
+    from bench.triton import threads
+
+    one_each = dataclasses.replace(tools, environment={**tools.environment,
+                                                       "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"})
+    turn = threads.sample(one_each, fmnist_server.grpc, fmnist_server.process.pid, batch=1, concurrency=4,
+                          protocol="grpc", requests=3000)
+    assert turn["infer_per_s"] > 0 and turn["perf_analyzer_ran"]
+    server = [t for t in turn["threads"] if t["process"] == fmnist_server.process.pid]
+    assert any(t["thread"].endswith("(main)") and t["core"] > 0 for t in server)
+    assert any(t["process"] == "client" and t["core"] > 0 for t in turn["threads"])
+    pid = fmnist_server.process.pid
+    assert list(turn["connections"]) == [pid] and turn["connections"][pid] >= 4
