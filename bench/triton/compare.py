@@ -4,6 +4,7 @@
     python -m bench.triton.compare export/fmnist.onnx [--rounds 3] [--requests 2000]
     python -m bench.triton.compare export/fmnist.onnx --protocol grpc --bound   # and grpc.aio's own bound
     python -m bench.triton.compare export/fmnist.onnx --protocol grpc --bound aio,aio:2,sync --loads 1x16
+    python -m bench.triton.threads export/fmnist.onnx --protocol grpc   # each server's CPU, thread by thread
 
 Both servers serve the same exported model on this machine's loopback: `fmnist serve` as a user starts it
 (one process, its defaults), and tritonserver 2.51 the repository `fmnist export --triton` writes, with its
