@@ -3,15 +3,18 @@ right shapes, on the event loop `fmnist serve` runs on (uvloop, which uvicorn pi
 What perf_analyzer measures against it is grpcio's own cost per call on this machine: one grpc.aio process
 in Python answers no more than this, whatever its model does. The same no-op on grpcio's other server (`sync`:
 a thread pool, each call in a handler thread) and in several processes on one port (SO_REUSEPORT) bound the
-other ways a Python server could be built.
+other ways a Python server could be built; `handoff` is the aio no-op that hands each call's (empty) work to
+a thread and awaits it back, as fmnist's batcher hands a run to its runner thread: the cost of that hand-off.
 
-    python -m bench.noop_grpc PORT [aio|sync] [PROCESSES]   # serves until killed; compare.py --bound starts it
+    python -m bench.noop_grpc PORT [aio|sync|handoff] [PROCESSES]   # serves until killed; compare.py --bound
 """
 
 import asyncio
 import multiprocessing
+import queue
 import signal
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -85,15 +88,42 @@ class Noop(SyncNoop):
         return super().ModelInfer(request, context)
 
 
-# Options both kinds share: large batches fit, and several processes may listen on one port (grpcio's default on
+class HandoffNoop(Noop):
+    """Noop's ModelInfer, its reply handed back from a thread fed by a queue (fmnist.serve.batching's runner):
+    a future for each call, put on the queue, settled with call_soon_threadsafe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    async def ModelInfer(self, request, context):
+        loop = asyncio.get_running_loop()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._runner, args=(loop,), daemon=True)
+            self.thread.start()
+        future = loop.create_future()
+        self.work.put((future, request))
+        return await future
+
+    def _runner(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            future, request = self.work.get()
+            loop.call_soon_threadsafe(future.set_result, SyncNoop.ModelInfer(self, request, None))
+
+
+KINDS = ("aio", "sync", "handoff")   # the kinds of no-op server, as compare.py --bound names them
+
+# Options every kind shares: large batches fit, and several processes may listen on one port (grpcio's default on
 # Linux, said here so that it does not depend on that).
 OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.so_reuseport", 1)]
 THREADS = 8   # the sync server's handler threads: more than the 2 to 6 calls a connection brings at once
 
 
-async def serve_aio(port: int) -> None:
+async def serve_aio(port: int, kind: str) -> None:
     server = grpc.aio.server(options=OPTIONS)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Noop(), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(HandoffNoop() if kind == "handoff" else Noop(),
+                                                                server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
@@ -112,16 +142,16 @@ def serve(port: int, kind: str) -> None:
     try:
         import uvloop
     except ImportError:   # as uvicorn: asyncio's own loop without it
-        asyncio.run(serve_aio(port))
+        asyncio.run(serve_aio(port, kind))
     else:
-        uvloop.run(serve_aio(port))
+        uvloop.run(serve_aio(port, kind))
 
 
 if __name__ == "__main__":
     port, kind, count = int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "aio", \
         int(sys.argv[3]) if len(sys.argv) > 3 else 1
-    if kind not in ("aio", "sync") or count < 1:
-        raise SystemExit("usage: python -m bench.noop_grpc PORT [aio|sync] [PROCESSES]")
+    if kind not in KINDS or count < 1:
+        raise SystemExit(f"usage: python -m bench.noop_grpc PORT [{'|'.join(KINDS)}] [PROCESSES]")
     if count == 1:
         serve(port, kind)
     else:   # the processes end with this one: terminated, it terminates them

@@ -13,8 +13,8 @@ python backend running the same model.onnx on onnxruntime (bench/triton/peer.py 
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
 median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --bound (gRPC),
 a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the most one
-grpc.aio process answers here; or several, named KIND[:PROCESSES]: grpcio's thread-pool server (sync), or
-several processes on one port.
+grpc.aio process answers here; or several, named KIND[:PROCESSES]: grpcio's thread-pool server (sync), the
+aio no-op with each call's reply handed back from a thread (handoff), or several processes on one port.
 """
 
 import argparse
@@ -73,7 +73,8 @@ def main() -> None:
                         help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
     parser.add_argument("--bound", nargs="?", const="aio", metavar="KIND[:PROCESSES],...",
-                        help="gRPC: measure bench/noop_grpc.py too, aio (the default) or sync, in 1 or more processes")
+                        help="gRPC: measure bench/noop_grpc.py too, aio (the default), sync or handoff, in 1 or "
+                        "more processes")
     args = parser.parse_args()
     if args.bound and args.protocol != "grpc":
         raise SystemExit("--bound is a gRPC server: add --protocol grpc")
@@ -115,9 +116,12 @@ def main() -> None:
 
 def bound_of(spec: str) -> tuple[str, int]:
     """--bound's KIND[:PROCESSES] as (kind, processes)."""
+    from bench.noop_grpc import KINDS
+
     kind, _, processes = spec.partition(":")
-    if kind not in ("aio", "sync") or not (processes or "1").isdigit() or int(processes or "1") < 1:
-        raise SystemExit(f"--bound {spec!r}: name aio or sync, and :PROCESSES if more than one, e.g. aio:2")
+    if kind not in KINDS or not (processes or "1").isdigit() or int(processes or "1") < 1:
+        raise SystemExit(f"--bound {spec!r}: name one of {', '.join(KINDS)}, and :PROCESSES if more than one, "
+                         "e.g. aio:2")
     return kind, int(processes or "1")
 
 
