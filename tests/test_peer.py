@@ -163,11 +163,10 @@ def test_the_thread_sampler_reads_each_servers_threads_under_load(tools, fmnist_
 
     one_each = dataclasses.replace(tools, environment={**tools.environment,
                                                        "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"})
-    turn = threads.sample(one_each, fmnist_server.grpc, fmnist_server.process.pid, batch=1, concurrency=4,
-                          protocol="grpc", requests=3000)
+    pid = fmnist_server.process.pid
+    turn = threads.sample(one_each, fmnist_server.grpc, pid, batch=1, concurrency=4, protocol="grpc", requests=3000)
     assert turn["infer_per_s"] > 0 and turn["perf_analyzer_ran"]
-    server = [t for t in turn["threads"] if t["process"] == fmnist_server.process.pid]
+    server = [t for t in turn["threads"] if t["process"] == pid]
     assert any(t["thread"].endswith("(main)") and t["core"] > 0 for t in server)
     assert any(t["process"] == "client" and t["core"] > 0 for t in turn["threads"])
-    pid = fmnist_server.process.pid
     assert list(turn["connections"]) == [pid] and turn["connections"][pid] >= 4

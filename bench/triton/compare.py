@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from bench.common import cpu
 from bench.triton import peer
@@ -83,21 +84,11 @@ def main() -> None:
     tools = peer.tools()
     if isinstance(tools, str):
         raise SystemExit(tools)
-    from fmnist.triton import write_model_repository
-    from tests.conftest import Server
-
-    with tempfile.TemporaryDirectory(prefix="fmnist-compare-") as folder:
-        repository = write_model_repository(args.onnx, folder).parent
-        fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
-        try:
-            with peer.triton(tools, repository) as triton, ExitStack() as noops:
-                urls = {"fmnist": fmnist.url, "triton": triton.url} if args.protocol == "http" else \
-                    {"fmnist": fmnist.grpc, "triton": triton.grpc}
-                for kind, processes in bounds:
-                    urls[bound_name(kind, processes)] = noops.enter_context(noop_grpc(kind, processes))
-                rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
-        finally:
-            fmnist.stop()
+    with both_servers(tools, args.onnx, args.workers) as (fmnist, triton), ExitStack() as noops:
+        urls = {"fmnist": address(fmnist, args.protocol), "triton": address(triton, args.protocol)}
+        for kind, processes in bounds:
+            urls[bound_name(kind, processes)] = noops.enter_context(noop_grpc(kind, processes))
+        rows = measure(tools, urls, args.rounds, args.requests, args.protocol, loads)   # type: ignore[arg-type]
     print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; fmnist serve --workers {args.workers}; "
           f"the median of {args.rounds} rounds\n")
     print(table(rows))
@@ -112,6 +103,28 @@ def main() -> None:
               "in the same rounds:\n")
         print(table(rows, (name, "triton")))
         print("\n" + table(rows, ("fmnist", name)))
+
+
+@contextmanager
+def both_servers(tools: peer.Tools, onnx: str, workers: int) -> Iterator[tuple[Any, peer.Running]]:
+    """fmnist serve as a user starts it (with --workers), and tritonserver on the repository `fmnist export
+    --triton` writes for the same model, both serving until the block ends."""
+    from fmnist.triton import write_model_repository
+    from tests.conftest import Server
+
+    with tempfile.TemporaryDirectory(prefix="fmnist-compare-") as folder:
+        repository = write_model_repository(onnx, folder).parent
+        fmnist = Server(Path(onnx), "--workers", str(workers))
+        try:
+            with peer.triton(tools, repository) as triton:
+                yield fmnist, triton
+        finally:
+            fmnist.stop()
+
+
+def address(server: Any, protocol: str) -> str:
+    """What perf_analyzer is pointed at: a server's REST URL, or its gRPC host:port."""
+    return server.grpc if protocol == "grpc" else server.url
 
 
 def bound_of(spec: str) -> tuple[str, int]:

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.common import cpu
-from bench.triton import peer
+from bench.triton import compare, peer
 
 TICK = os.sysconf("SC_CLK_TCK")
 SETTLE, WINDOW = 2.0, 2.0   # seconds of load before the window (perf_analyzer's warm-up), and the window
@@ -144,27 +144,15 @@ def main() -> None:
     tools = peer.tools()
     if isinstance(tools, str):
         raise SystemExit(tools)
-    import tempfile
-
-    from fmnist.triton import write_model_repository
-    from tests.conftest import Server
-
     print(f"{cpu()}, {os.cpu_count()} cores; {args.protocol}; {batch} images a request at concurrency "
           f"{concurrency}; fmnist serve --workers {args.workers}; TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="
           f"{os.environ.get('TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT', '(unset)')}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="fmnist-threads-") as folder:
-        repository = write_model_repository(args.onnx, folder).parent
-        fmnist = Server(Path(args.onnx), "--workers", str(args.workers))
-        try:
-            with peer.triton(tools, repository) as triton:
-                servers = {"fmnist": (fmnist.grpc if args.protocol == "grpc" else fmnist.url, fmnist.process.pid),
-                           "triton": (triton.grpc if args.protocol == "grpc" else triton.url, triton.process.pid)}
-                for round_ in range(args.rounds):
-                    for name, (url, pid) in servers.items():
-                        turn = sample(tools, url, pid, batch, concurrency, args.protocol, args.requests)
-                        print(f"\nround {round_ + 1}, " + report(name, turn), flush=True)
-        finally:
-            fmnist.stop()
+    with compare.both_servers(tools, args.onnx, args.workers) as (fmnist, triton):
+        for round_ in range(args.rounds):
+            for name, server in (("fmnist", fmnist), ("triton", triton)):
+                turn = sample(tools, compare.address(server, args.protocol), server.process.pid, batch, concurrency,
+                              args.protocol, args.requests)
+                print(f"\nround {round_ + 1}, " + report(name, turn), flush=True)
 
 
 if __name__ == "__main__":
