@@ -199,6 +199,13 @@ def runners() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "fmnist-runner"]
 
 
+def settled_runners() -> int:
+    """The runner threads left running, once those of earlier tests' closed batchers have ended."""
+    for thread in runners():
+        thread.join(2)
+    return len(runners())
+
+
 def test_every_run_is_made_on_one_runner_thread_which_close_stops():
     """Not on the event loop's thread, whatever the run's size, and on the same thread each time; each request
     gets its own rows; close() ends the thread."""
@@ -208,7 +215,7 @@ def test_every_run_is_made_on_one_runner_thread_which_close_stops():
         threads.append((len(batch), threading.get_ident()))
         return (batch[:, 0, 0, 0] * 2,)
 
-    before = len(runners())
+    before = settled_runners()
 
     async def main():
         batcher = Batcher(model, max_batch=256, max_delay=0, max_queue=1000)
@@ -292,3 +299,159 @@ def test_timed_says_how_long_each_request_waited_and_its_run_took():
         [(1, 1, first.infer), (2, 1, second.infer)]
     assert observed[1][1] == [second.queue]
     np.testing.assert_array_equal(second.outputs[0], [1, 2])
+
+
+def test_a_batch_large_enough_runs_beside_the_one_under_way_on_a_thread_of_its_own():
+    """With two runners: a batch of at least `beside_from` images a request starts while a run is under way,
+    made by `beside` on a second thread; a smaller one waits for it; never more than two runs at once; close()
+    stops both threads."""
+    go = threading.Event()
+    made: list[tuple[str, int, int]] = []   # (which run, its images, its thread)
+
+    def model(name: str):
+        def run(batch: np.ndarray) -> tuple[np.ndarray]:
+            made.append((name, len(batch), threading.get_ident()))
+            go.wait(10)   # every run holds on until the test lets them go
+            return (batch[:, 0, 0, 0] * 2,)
+        return run
+
+    before = settled_runners()
+
+    async def until(count: int) -> None:
+        for _ in range(200):
+            if len(made) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+    async def main():
+        batcher = Batcher(model("run"), max_batch=256, max_delay=0, max_queue=1000, runners=2,
+                          beside=model("beside"), beside_from=16)
+        first = asyncio.ensure_future(batcher(images(0, 1)))
+        await until(1)
+        few = asyncio.ensure_future(batcher(images(1, 3)))      # 3 images: too few to run beside the first
+        await asyncio.sleep(0.1)
+        waited = list(made)
+        many = asyncio.ensure_future(batcher(images(4, 40)))    # now 43 in 2 requests: they run beside it
+        await until(2)
+        third = asyncio.ensure_future(batcher(images(44, 30)))  # two runs are under way: it waits
+        await asyncio.sleep(0.1)
+        held = list(made)
+        threads = len(runners())
+        go.set()
+        answers = await asyncio.gather(first, few, many, third)
+        await batcher.close()
+        return waited, held, threads, answers
+
+    waited, held, threads, answers = run(main)
+    assert [(name, size) for name, size, _ in waited] == [("run", 1)]
+    assert [(name, size) for name, size, _ in held] == [("run", 1), ("beside", 43)]
+    assert held[0][2] != held[1][2] and threads == before + 2
+    assert [size for _, size, _ in made] == [1, 43, 30]
+    for (first, count), (doubled,) in zip(((0, 1), (1, 3), (4, 40), (44, 30)), answers, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * np.arange(first, first + count, dtype=np.float32))
+    for thread in runners()[before:]:
+        thread.join(5)
+    assert len(runners()) == before   # close() stopped both
+
+
+def test_what_queued_together_is_shared_out_among_free_runners_and_a_lone_run_gets_every_thread():
+    """Two requests of 20 images that queue together, with two runners free, are two runs side by side, each
+    made by `beside`, not one run of 40; a request alone is made by `run`, on every thread."""
+    made: list[tuple[str, int]] = []
+
+    def model(name: str):
+        def run(batch: np.ndarray) -> tuple[np.ndarray]:
+            made.append((name, len(batch)))
+            return (batch[:, 0, 0, 0] + 1,)
+        return run
+
+    async def main():
+        batcher = Batcher(model("run"), max_batch=256, max_delay=0, max_queue=1000, runners=2,
+                          beside=model("beside"), beside_from=16)
+        together = await asyncio.gather(batcher(images(0, 20)), batcher(images(20, 20)))
+        alone = await batcher(images(40, 20))
+        await batcher.close()
+        return [*together, alone]
+
+    answers = run(main)
+    assert made == [("beside", 20), ("beside", 20), ("run", 20)]
+    for first, (plus_one,) in zip((0, 20, 40), answers, strict=True):
+        np.testing.assert_array_equal(plus_one, np.arange(first, first + 20, dtype=np.float32) + 1)
+
+
+def test_many_small_requests_wait_for_the_run_under_way_however_many_images_they_add_up_to():
+    """Single images are the loop's work more than the model's: 40 of them, queued while a run is under way,
+    wait and share the next run (made by `run`), even with a runner free."""
+    go = threading.Event()
+    made: list[tuple[str, int]] = []
+
+    def model(name: str):
+        def run(batch: np.ndarray) -> tuple[np.ndarray]:
+            made.append((name, len(batch)))
+            go.wait(10)
+            return (batch[:, 0, 0, 0],)
+        return run
+
+    async def main():
+        batcher = Batcher(model("run"), max_batch=256, max_delay=0, max_queue=1000, runners=2,
+                          beside=model("beside"), beside_from=16)
+        first = asyncio.ensure_future(batcher(images(0, 1)))
+        await asyncio.sleep(0.05)
+        singles = [asyncio.ensure_future(batcher(images(i, 1))) for i in range(1, 41)]
+        await asyncio.sleep(0.1)
+        waited = list(made)
+        go.set()
+        answers = await asyncio.gather(first, *singles)
+        await batcher.close()
+        return waited, answers
+
+    waited, answers = run(main)
+    assert waited == [("run", 1)] and made == [("run", 1), ("run", 40)]
+    assert [float(scores[0]) for (scores,) in answers] == list(range(41))
+
+
+def test_no_more_runs_than_runners_and_small_requests_wait_for_a_run_to_end_not_for_a_free_runner():
+    """Each run holds on until the test lets it go, one by one. Two runners: with two runs under way a third
+    large batch waits; when the run beside ends, the single images queued behind wait on for the first run."""
+    holds: list[threading.Event] = []
+    made: list[tuple[str, int]] = []
+
+    def model(name: str):
+        def run(batch: np.ndarray) -> tuple[np.ndarray]:
+            hold = threading.Event()
+            holds.append(hold)
+            made.append((name, len(batch)))
+            hold.wait(10)
+            return (batch[:, 0, 0, 0],)
+        return run
+
+    async def settle() -> list[tuple[str, int]]:
+        await asyncio.sleep(0.1)
+        return list(made)
+
+    async def main():
+        batcher = Batcher(model("run"), max_batch=20, max_delay=0, max_queue=1000, runners=2,
+                          beside=model("beside"), beside_from=16)
+        requests = [asyncio.ensure_future(batcher(images(0, 1)))]
+        await settle()
+        requests += [asyncio.ensure_future(batcher(images(first, 20))) for first in (1, 21)]   # together
+        two = await settle()     # the first of them beside the run; the second waits: two are under way
+        requests += [asyncio.ensure_future(batcher(images(i, 1))) for i in range(41, 46)]
+        holds[1].set()           # the run beside ends: the other 20 take its place, not the single images
+        three = await settle()
+        holds[2].set()           # and again: the single images, five in five requests, wait for the first run
+        four = await settle()
+        holds[0].set()
+        await settle()
+        for hold in holds:
+            hold.set()
+        answers = await asyncio.gather(*requests)
+        await batcher.close()
+        return two, three, four, answers
+
+    two, three, four, answers = run(main)
+    assert two == [("run", 1), ("beside", 20)]
+    assert three == [*two, ("beside", 20)]
+    assert four == three
+    assert made == [*three, ("run", 5)]
+    assert [float(scores[0]) for (scores,) in answers] == [0, 1, 21, 41, 42, 43, 44, 45]

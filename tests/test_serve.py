@@ -179,10 +179,12 @@ def test_runs_of_few_images_on_the_one_thread_session_agree_with_the_others(expo
     from fmnist.serve.dataplane import ONE_THREAD_BELOW, Model
 
     model = Model(str(exported[0]), threads=2)
-    assert model.small is not model.session
+    assert model.small is not model.session and model.runners == 2   # two runs at once, one of them beside
     few, many = model.run(images[:3]), model.run(images[:ONE_THREAD_BELOW + 4])
-    for small, large in zip(few, many, strict=True):
+    beside = model.run_beside(images[:ONE_THREAD_BELOW + 4])
+    for small, large, other in zip(few, many, beside, strict=True):
         np.testing.assert_allclose(small, large[:3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other, large, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_model_and_version_are_404_with_the_protocol_error(server):

@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from fmnist import FmnistError, runtime
 from fmnist.serve import protocol
 from fmnist.serve.batching import Batcher
-from fmnist.serve.dataplane import MAX_FILES, MODEL, VERSION, DataPlane, Model
+from fmnist.serve.dataplane import MAX_FILES, MODEL, ONE_THREAD_BELOW, VERSION, DataPlane, Model
 from fmnist.serve.errors import (
     BodyTooLarge,
     InvalidInput,
@@ -322,7 +322,8 @@ def create_app(settings: Settings) -> RestApp:
     async def lifespan() -> AsyncIterator[None]:
         model = Model(settings.onnx, settings.threads)
         batcher = Batcher(model.run, settings.max_batch, settings.max_delay_ms / 1000, settings.max_queue,
-                          observe=observe)
+                          observe=observe, runners=model.runners, beside=model.run_beside,
+                          beside_from=ONE_THREAD_BELOW)
         plane.load(model, batcher)
         grpc_server = None
         if settings.grpc_port:   # imported only here: without gRPC, the server needs neither grpcio nor tritonclient
