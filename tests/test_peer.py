@@ -135,6 +135,15 @@ def test_the_comparison_measures_both_servers_with_perf_analyzer(tools, triton_s
     ratio = row["median"]["fmnist"]["Inferences/Second"] / row["median"]["triton"]["Inferences/Second"]
     line = compare.table(rows).splitlines()[-1]
     assert line.startswith("| 1 | 2 | ") and f"| {ratio:.2f}x |" in line
+    # Where the time went: a line for each server, its columns perf_analyzer's split in order, the server's own
+    # part from the statistics extension that both keep (a run takes time on each).
+    lines = compare.split_table(rows).splitlines()[2:]
+    split = {line.split(" | ")[2]: line.strip("| ").split(" | ")[3:] for line in lines}
+    assert set(split) == {"fmnist", "triton"}
+    for name, cells in split.items():
+        median = row["median"][name]
+        assert cells == [f"{median[key]:,.0f}" for key in compare.SPLIT], name
+        assert median["Server Compute Infer"] > 0 and median["Network+Server Send/Recv"] > 0, name
 
 
 @pytest.mark.parametrize("kind, processes", [("aio", 1), ("sync", 1), ("handoff", 1), ("aio", 2)])

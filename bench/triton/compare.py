@@ -11,7 +11,8 @@ Both servers serve the same exported model on this machine's loopback: `fmnist s
 python backend running the same model.onnx on onnxruntime (bench/triton/peer.py says why). For each load
 (single images at concurrency 1, 16 and 64; batches of 64 and of 1024 at concurrency 2) perf_analyzer measures
 one server, then the other, round after round, so that both see the same noise; the table gives each one's
-median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's. With --bound (gRPC),
+median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Triton's, then where each median
+round's request spent its time (perf_analyzer's split: transport, queue, compute). With --bound (gRPC),
 a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the most one
 grpc.aio process answers here; or several, named KIND[:PROCESSES]: grpcio's thread-pool server (sync), the
 aio no-op with each call's reply handed back from a thread (handoff), or several processes on one port.
@@ -64,6 +65,28 @@ def table(rows: list[dict], names: tuple[str, str] = ("fmnist", "triton")) -> st
     return "\n".join(lines)
 
 
+# perf_analyzer's split of a request's time (its CSV columns, µs), in the order a request meets them. The server's
+# own part comes from the statistics extension, which fmnist serve and Triton keep and the no-op bounds do not
+# (perf_analyzer then splits nothing); "Network+Server Send/Recv" is what is left of the latency: the transport
+# on both sides, and over gRPC fmnist's message decoding (its statistics start once grpc hands it the request).
+SPLIT = {"Client Send": "client send", "Network+Server Send/Recv": "transport", "Server Queue": "queue",
+         "Server Compute Input": "input", "Server Compute Infer": "infer", "Server Compute Output": "output"}
+
+
+def split_table(rows: list[dict]) -> str:
+    """Where each server's median round spent a request's time, µs: perf_analyzer's split, for the servers that
+    keep statistics (perf_analyzer gives the others none, not even their transport)."""
+    lines = ["| images/request | concurrency | server | " + " | ".join(SPLIT.values()) + " |",
+             "| ---: | ---: | --- |" + " ---: |" * len(SPLIT)]
+    for row in rows:
+        for name, median in row["median"].items():
+            if not median.get("Server Compute Infer"):
+                continue
+            lines.append(f"| {row['batch']} | {row['concurrency']} | {name} | "
+                         + " | ".join(f"{median.get(key, 0):,.0f}" for key in SPLIT) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx", help="the exported model (fmnist export --onnx)")
@@ -95,6 +118,8 @@ def main() -> None:
     for row in rows:
         print(f"batch {row['batch']} concurrency {row['concurrency']}: every round's infer/s "
               + "; ".join(f"{name} {', '.join(f'{v:,.0f}' for v in values)}" for name, values in row["spread"].items()))
+    print("\nWhere a request's time went in each median round, µs (perf_analyzer's split):\n")
+    print(split_table(rows))
     ratios = [r["median"]["fmnist"]["Inferences/Second"] / r["median"]["triton"]["Inferences/Second"] for r in rows]
     print(f"\nfmnist / Triton, the median over the loads: {statistics.median(ratios):.2f}x")
     for kind, processes in bounds:
