@@ -4,9 +4,11 @@ What perf_analyzer measures against it is grpcio's own cost per call on this mac
 in Python answers no more than this, whatever its model does. The same no-op on grpcio's other server (`sync`:
 a thread pool, each call in a handler thread) and in several processes on one port (SO_REUSEPORT) bound the
 other ways a Python server could be built; `handoff` is the aio no-op that hands each call's (empty) work to
-a thread and awaits it back, as fmnist's batcher hands a run to its runner thread: the cost of that hand-off.
+a thread and awaits it back, as fmnist's batcher hands a run to its runner thread: the cost of that hand-off;
+`busy` is the aio no-op that first holds the event loop for BUSY seconds, as a handler's own Python work does:
+what that work costs a call beyond its own length.
 
-    python -m bench.noop_grpc PORT [aio|sync|handoff] [PROCESSES]   # serves until killed; compare.py --bound
+    python -m bench.noop_grpc PORT [aio|sync|handoff|busy] [PROCESSES]   # serves until killed; compare.py --bound
 """
 
 import asyncio
@@ -15,6 +17,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -112,7 +115,20 @@ class HandoffNoop(Noop):
             loop.call_soon_threadsafe(future.set_result, SyncNoop.ModelInfer(self, request, None))
 
 
-KINDS = ("aio", "sync", "handoff")   # the kinds of no-op server, as compare.py --bound names them
+class BusyNoop(Noop):
+    """Noop's ModelInfer after holding the event loop for BUSY seconds, in a loop that never yields."""
+
+    async def ModelInfer(self, request, context):
+        end = time.perf_counter() + BUSY
+        while time.perf_counter() < end:
+            pass
+        return await super().ModelInfer(request, context)
+
+
+# busy's work a call: about what fmnist serve's own ModelInfer takes on the loop, called in-process 16 at a time
+# (python -m bench.grpc_inprocess; bench/README.md gives the figure).
+BUSY = 50e-6
+KINDS = ("aio", "sync", "handoff", "busy")   # the kinds of no-op server, as compare.py --bound names them
 
 # Options every kind shares: large batches fit, and several processes may listen on one port (grpcio's default on
 # Linux, said here so that it does not depend on that).
@@ -122,8 +138,8 @@ THREADS = 8   # the sync server's handler threads: more than the 2 to 6 calls a 
 
 async def serve_aio(port: int, kind: str) -> None:
     server = grpc.aio.server(options=OPTIONS)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(HandoffNoop() if kind == "handoff" else Noop(),
-                                                                server)
+    servicer = {"handoff": HandoffNoop, "busy": BusyNoop}.get(kind, Noop)()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()

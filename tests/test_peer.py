@@ -146,7 +146,7 @@ def test_the_comparison_measures_both_servers_with_perf_analyzer(tools, triton_s
         assert median["Server Compute Infer"] > 0 and median["Network+Server Send/Recv"] > 0, name
 
 
-@pytest.mark.parametrize("kind, processes", [("aio", 1), ("sync", 1), ("handoff", 1), ("aio", 2)])
+@pytest.mark.parametrize("kind, processes", [("aio", 1), ("sync", 1), ("handoff", 1), ("busy", 1), ("aio", 2)])
 def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(tools, kind, processes):
     """bench/noop_grpc.py, the gRPC rows' bound (compare.py --bound), of each kind: perf_analyzer measures it,
     and a tritonclient.grpc call gets logits and ood_score of the request's own batch size."""

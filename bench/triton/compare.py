@@ -15,7 +15,8 @@ median round: infer/s and the p50/p90/p99 latency, and fmnist's infer/s over Tri
 round's request spent its time (perf_analyzer's split: transport, queue, compute). With --bound (gRPC),
 a third server in the same rounds: bench/noop_grpc.py, grpc.aio answering without doing any work, the most one
 grpc.aio process answers here; or several, named KIND[:PROCESSES]: grpcio's thread-pool server (sync), the
-aio no-op with each call's reply handed back from a thread (handoff), or several processes on one port.
+aio no-op with each call's reply handed back from a thread (handoff), the aio no-op that first holds the event
+loop as a handler's own work would (busy), or several processes on one port.
 """
 
 import argparse
@@ -97,7 +98,7 @@ def main() -> None:
                         help="IMAGESxCONCURRENCY, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="fmnist serve --workers")
     parser.add_argument("--bound", nargs="?", const="aio", metavar="KIND[:PROCESSES],...",
-                        help="gRPC: measure bench/noop_grpc.py too, aio (the default), sync or handoff, in 1 or "
+                        help="gRPC: measure bench/noop_grpc.py too, aio (the default), sync, handoff or busy, in 1 or "
                         "more processes")
     args = parser.parse_args()
     if args.bound and args.protocol != "grpc":
