@@ -128,7 +128,8 @@ class BusyNoop(Noop):
 # busy's work a call: about what fmnist serve's own ModelInfer takes on the loop, called in-process 16 at a time
 # (python -m bench.grpc_inprocess; bench/README.md gives the figure).
 BUSY = 50e-6
-KINDS = ("aio", "sync", "handoff", "busy")   # the kinds of no-op server, as compare.py --bound names them
+AIO = {"aio": Noop, "handoff": HandoffNoop, "busy": BusyNoop}   # the kinds served by grpc.aio, and their servicers
+KINDS = (*AIO, "sync")   # every kind of no-op server, as compare.py --bound names them
 
 # Options every kind shares: large batches fit, and several processes may listen on one port (grpcio's default on
 # Linux, said here so that it does not depend on that).
@@ -138,8 +139,7 @@ THREADS = 8   # the sync server's handler threads: more than the 2 to 6 calls a 
 
 async def serve_aio(port: int, kind: str) -> None:
     server = grpc.aio.server(options=OPTIONS)
-    servicer = {"handoff": HandoffNoop, "busy": BusyNoop}.get(kind, Noop)()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(AIO[kind](), server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     await server.start()

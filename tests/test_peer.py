@@ -160,6 +160,9 @@ def test_the_grpc_bound_answers_perf_analyzer_and_the_shapes_a_client_expects(to
         tensor.set_data_from_numpy(np.zeros((5, 1, 28, 28), np.float32))
         result = grpcclient.InferenceServerClient(bound).infer("fmnist", [tensor])
     assert result.as_numpy("logits").shape == (5, 10) and result.as_numpy("ood_score").shape == (5, 1)
+    # The bound keeps no statistics, so perf_analyzer splits none of its time: compare.py's split leaves it out.
+    assert not row.get("Server Compute Infer")
+    assert compare.split_table([{"batch": 64, "concurrency": 2, "median": {"bound": row}}]).splitlines()[2:] == []
 
 
 def test_the_thread_sampler_reads_each_servers_threads_under_load(tools, fmnist_server):
